@@ -1,0 +1,55 @@
+"""Full fine-tuning of BERT on AG News, with a choice of head.
+
+    python train_bert.py --head pooler            # = AutoModelForSequenceClassification
+    python train_bert.py --head textcnn --epochs 3
+    python train_bert.py --head attnpool --penalty-words runs/x/penalty_words.json --penalty 2.0
+
+Every weight of the encoder is trained, at a small learning rate (2e-5..5e-5): the pretrained
+features are already good, and a large step would wreck them in the first updates.
+The pieces (data, encoder, heads, loop) live in common.py; this script wires them together.
+"""
+import argparse
+import shutil
+from pathlib import Path
+
+import common
+
+
+def load_model(config, run_dir):
+    """Rebuild a saved run of this script: random encoder of the right shape, then the saved weights."""
+    run_dir = Path(run_dir)
+    if (run_dir / "penalty_words.json").exists():
+        config = {**config, "penalty_words": run_dir / "penalty_words.json"}
+    model, tokenizer = common.build_bert_classifier(config, pretrained=False)
+    model.load_state_dict(common.load_weights(run_dir / "model.safetensors"))
+    return model, tokenizer
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_bert_args(parser)
+    common.add_common_args(parser, lr=5e-5, epochs=3)
+    args = parser.parse_args()
+
+    runtime, run_dir, splits, t_start = common.start_run(args, f"bert_{args.head}")
+    config = {"script": "train_bert", "model": args.model, "head": args.head, "dropout": args.dropout,
+              "penalty_words": args.penalty_words, "penalty": args.penalty, "max_len": args.max_len,
+              "args": vars(args)}
+    if args.penalty_words and runtime.is_main:
+        shutil.copyfile(args.penalty_words, run_dir / "penalty_words.json")  # the run reloads on its own
+
+    model, tokenizer = common.build_bert_classifier(config)
+    data = common.encode_splits(tokenizer, splits, args.max_len)
+    total, trainable = common.count_parameters(model)
+    if runtime.is_main:
+        print(f"{args.model} + {args.head} head: {total:,} parameters, {trainable:,} trainable | "
+              f"train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} rows | "
+              f"{runtime.device}, {runtime.amp_dtype or 'fp32'}")
+
+    history = common.train(model, data, args, runtime, run_dir)
+    common.finish_run(model, data, splits, runtime, run_dir, config, history, "model.safetensors",
+                      trainable_only=False, t_start=t_start)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
