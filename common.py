@@ -194,10 +194,14 @@ class Split:
         return h.hexdigest()[:16]
 
 
+HTML_ENTITIES = "quot|amp|lt|gt|nbsp|hellip|rsquo|lsquo|rdquo|ldquo|mdash|ndash"  # the ones that occur
+
+
 def clean_text(text):
-    """The release escapes line breaks as a lone backslash ("dwindling\\band") and lost the '&' of
-    HTML entities (" #39;" is an apostrophe, " #36;" a dollar sign)."""
+    """The release escapes line breaks as a lone backslash ("dwindling\\band") and turned the '&' of
+    HTML entities into a space (" #39;" is an apostrophe, " #36;" a dollar sign, " quot;" a quote)."""
     text = re.sub(r" ?#(\d+);", r"&#\1;", text)
+    text = re.sub(rf" ({HTML_ENTITIES});", r"&\1;", text)
     text = html.unescape(text).replace("\\", " ")
     return " ".join(text.split())
 
@@ -741,9 +745,11 @@ def build_bert_classifier(config, pretrained=True):
     head_kwargs = {}
     if config["head"] == "attnpool" and config.get("penalty_words"):
         from kernels.attn_pool import load_penalty_table
-        head_kwargs = {"penalty": config["penalty"],
-                       "penalty_table": load_penalty_table(config["penalty_words"], tokenizer,
-                                                           bert.config.vocab_size)}
+        try:
+            table = load_penalty_table(config["penalty_words"], tokenizer, bert.config.vocab_size)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        head_kwargs = {"penalty": config["penalty"], "penalty_table": table}
     return BertClassifier(bert, config["head"], config["dropout"], **head_kwargs), tokenizer
 
 
@@ -888,6 +894,8 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
         load_optimizer_tensors(optimizer, {k[4:]: v for k, v in saved.items() if k.startswith("opt.")})
         progress = load_json(run_dir / "resume.json")
         scheduler.load_state_dict(progress["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the scheduler restores its step count, not the optimizer's current lr
         history, start_epoch, best_f1 = progress["history"], progress["epoch"], progress["best_f1"]
         if runtime.is_main:
             print(f"resuming {run_dir} after epoch {start_epoch}")
@@ -901,7 +909,9 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
                                bucket=not args.no_bucket, rank=runtime.rank, world_size=runtime.world_size)
         ddp_model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not runtime.is_main, leave=False)
+        # disable=None: a bar on a terminal, none in a log file (rank 0 only).
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if runtime.is_main else True,
+                   leave=False)
         for i, idx in enumerate(bar):
             input_ids, mask = to_device([data["train"].ids[j] for j in idx],
                                         args.max_len if args.pad_to_max else 0, device)

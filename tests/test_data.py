@@ -1,0 +1,137 @@
+"""AG News loading: canonical rows load, every kind of bad row stops with file:line, splits are stable."""
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import common
+
+AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
+
+
+def write_rows(path, text):
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+GOOD = '"3","Wall St. Bears","Reuters - Short-sellers\\band of ultra-cynics."\n"1","Title","Desc #39;s  #36;10 quot;hi quot; AT amp;T &lt;b&gt;"\n'
+
+
+def test_canonical_rows_load_and_clean(tmp_path):
+    split = common.load_csv(write_rows(tmp_path / "t.csv", GOOD))
+    assert split.labels.tolist() == [2, 0]
+    assert split.texts[0] == "Wall St. Bears Reuters - Short-sellers band of ultra-cynics."
+    assert split.texts[1] == "Title Desc's $10\"hi\" AT&T <b>"
+
+
+@pytest.mark.parametrize("content,message", [
+    ('"3","only two"\n', r"t.csv:1: expected 3 fields .* found 2"),
+    (GOOD + '"1","a","b","c"\n', r"t.csv:3: expected 3 fields .* found 4"),
+    ('"5","title","desc"\n', r"t.csv:1: class must be 1, 2, 3 or 4, found '5'"),
+    (GOOD + '"0","title","desc"\n', r"t.csv:3: class must be 1, 2, 3 or 4, found '0'"),
+    ('"World","title","desc"\n', r"t.csv:1: class must be 1, 2, 3 or 4, found 'World'"),
+    (GOOD + '"2"," ","  "\n', r"t.csv:3: empty text"),
+    ('"1","unterminated,"desc"\n', r"t.csv:1: (malformed CSV|expected 3 fields)"),
+    ("", r"t.csv: no rows"),
+])
+def test_bad_rows_name_file_line_and_reason(tmp_path, content, message):
+    with pytest.raises(common.UserError, match=message):
+        common.load_csv(write_rows(tmp_path / "t.csv", content))
+
+
+def test_undecodable_bytes_name_their_line(tmp_path):
+    path = write_rows(tmp_path / "t.csv", GOOD.encode() + b'"2","caf\xe9","x"\n')
+    with pytest.raises(common.UserError, match=r"t.csv:3: bytes that are not UTF-8"):
+        common.load_csv(path)
+
+
+def test_missing_folder_is_one_line(tmp_path):
+    with pytest.raises(common.UserError, match="needs train.csv and test.csv"):
+        common.find_data_dir(str(tmp_path))
+
+
+field = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.integers(1, 4), field, field), min_size=1, max_size=8))
+def test_fuzz_canonical_rows_round_trip_or_fail_cleanly(tmp_path, rows):
+    """Rows written the way the release writes them load back with their labels in order, unless a
+    text is empty after cleaning, which must be the one clear error — never a traceback or a drop."""
+    buf = io.StringIO()
+    csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
+    path = write_rows(tmp_path / "f.csv", buf.getvalue())
+    empty = [i for i, (_, t, d) in enumerate(rows) if not common.clean_text(f"{t} {d}")]
+    if empty:
+        with pytest.raises(common.UserError, match=rf"f.csv:\d+: empty text"):
+            common.load_csv(path)
+        return
+    split = common.load_csv(path)
+    assert split.labels.tolist() == [label - 1 for label, _, _ in rows]
+    assert split.texts == [common.clean_text(f"{t} {d}") for _, t, d in rows]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=200))
+def test_fuzz_arbitrary_bytes_load_or_raise_user_error(tmp_path, content):
+    path = write_rows(tmp_path / "g.csv", content)
+    try:
+        split = common.load_csv(path)
+    except common.UserError as err:
+        assert str(err).startswith(str(path))
+    else:
+        assert len(split) > 0 and set(split.labels.tolist()) <= {0, 1, 2, 3}
+
+
+# -- the real data ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def splits():
+    return common.load_ag_news(AGNEWS_DIR)
+
+
+def test_real_splits_are_official_and_disjoint(splits):
+    assert len(splits["test"]) == 7600
+    assert np.bincount(splits["test"].labels).tolist() == [1900] * 4
+    assert len(splits["train"]) + len(splits["val"]) == len(common.load_csv(AGNEWS_DIR / "train.csv"))
+    assert common.load_ag_news(AGNEWS_DIR)["val"].fingerprint() == splits["val"].fingerprint()
+
+
+def test_validation_slice_is_stratified_and_independent_of_train_size(splits):
+    small = common.load_ag_news(AGNEWS_DIR, train_size=1000)
+    assert small["val"].fingerprint() == splits["val"].fingerprint()
+    assert len(small["train"]) == 1000
+    full = np.bincount(splits["train"].labels) / len(splits["train"])
+    assert np.abs(np.bincount(small["train"].labels) / 1000 - full).max() < 0.01
+    assert np.abs(np.bincount(splits["val"].labels) / len(splits["val"]) - full).max() < 0.01
+
+
+# -- batches -----------------------------------------------------------------------------------------
+def test_batches_cover_every_row_once_and_bucketing_cuts_padding():
+    lengths = np.random.default_rng().integers(5, 128, size=5000)
+    for bucket in (False, True):
+        batches = common.make_batches(lengths, 32, shuffle=True, seed=1, bucket=bucket)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(5000))
+    def padded(batches):
+        return sum(len(b) * lengths[b].max() for b in batches)
+    assert padded(common.make_batches(lengths, 32, True, 1, bucket=True)) < \
+        0.7 * padded(common.make_batches(lengths, 32, True, 1, bucket=False))
+
+
+def test_ddp_shards_are_disjoint_and_equal_in_count():
+    lengths = np.random.default_rng().integers(5, 50, size=1001)
+    shards = [common.make_batches(lengths, 16, True, 3, rank=r, world_size=3) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    rows = [np.concatenate(s) for s in shards]
+    assert sum(len(r) for r in rows) == len(set(np.concatenate(rows).tolist()))
+
+
+def test_encode_truncates_keeping_sep():
+    tokenizer = common.load_tokenizer(common.resolve_model("minilm"))
+    ids = common.encode(tokenizer, ["word " * 300, "short text"], max_len=16)
+    assert len(ids[0]) == 16 and ids[0][0] == 101 and ids[0][-1] == 102
+    assert ids[1].tolist() == tokenizer.encode("short text").ids

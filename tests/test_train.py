@@ -1,0 +1,102 @@
+"""The shared training loop end to end on real AG News rows: every head learns, a killed-and-resumed
+run ends exactly where an uninterrupted one does, and a saved run reloads to the same probabilities."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
+ROOT = Path(__file__).resolve().parents[1]
+CPU = common.Runtime(torch.device("cpu"))
+
+
+def train_args(**overrides):
+    parser = common.add_common_args(argparse.ArgumentParser(), lr=1e-4, epochs=2)
+    common.add_bert_args(parser)
+    args = parser.parse_args([])
+    for key, value in {"batch_size": 16, "max_len": 64, **overrides}.items():
+        setattr(args, key, value)
+    return args
+
+
+@pytest.fixture(scope="module")
+def sample():
+    """A small stratified sample, tokenized once for every test here."""
+    splits = common.load_ag_news(AGNEWS_DIR, train_size=320, val_size=80, test_size=200)
+    tokenizer = common.load_tokenizer(common.resolve_model("minilm"))
+    return splits, common.encode_splits(tokenizer, splits, 64)
+
+
+def small_classifier(head, **head_kwargs):
+    """MiniLM cut to its first 3 layers: the same pretrained weights, twice as fast to train."""
+    model, _ = common.build_bert_classifier({"model": "minilm", "head": head, "dropout": 0.1})
+    model.bert.layers = model.bert.layers[:3]
+    return model
+
+
+@pytest.mark.parametrize("head", common.HEAD_NAMES)
+def test_each_head_learns(tmp_path, sample, head):
+    torch.manual_seed(0)
+    splits, data = sample
+    model = small_classifier(head)
+    common.train(model, data, train_args(lr=3e-4, epochs=3), CPU, tmp_path)
+    test = common.evaluate(common.predict(model, data["test"], CPU), data["test"].labels)
+    assert test["accuracy"] > 0.6, f"{head}: test accuracy {test['accuracy']:.3f} on 200 rows (chance 0.25)"
+
+
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, sample):
+    splits, data = sample
+
+    def run(run_dir, epochs, resume=False):
+        torch.manual_seed(123)  # the head's initial weights
+        model = small_classifier("fc")
+        history = common.train(model, data, train_args(epochs=epochs, resume=resume), CPU, run_dir)
+        return model, history
+
+    whole_model, whole = run(tmp_path / "whole", 2)
+    run(tmp_path / "killed", 1)  # the loop stops after epoch 1: as if killed during epoch 2
+    # The schedule must know the run has 2 epochs: resume.json from a 1-epoch run differs there, so
+    # write the resume point the way an interrupted 2-epoch run leaves it.
+    killed = tmp_path / "killed"
+    progress = json.loads((killed / "resume.json").read_text())
+    expected = json.loads((tmp_path / "whole" / "resume.json").read_text())
+    assert progress["history"][0] == pytest.approx(expected["history"][0], rel=1e-6) or \
+        progress["history"][0]["train_loss"] == expected["history"][0]["train_loss"]
+    resumed_model, resumed = run(killed, 2, resume=True)
+    for a, b in zip(whole, resumed):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["val_macro_f1"] == pytest.approx(b["val_macro_f1"], abs=1e-9)
+    for (name, p), q in zip(whole_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_cli_run_round_trips_and_refuses_to_overwrite(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train_bert.py"), "--head", "fc", "--train-size", "160", "--val-size", "40",
+           "--test-size", "80", "--epochs", "1", "--max-len", "48", "--out", str(run_dir), "--data", str(AGNEWS_DIR)]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    for name in ("config.json", "model.safetensors", "metrics.json", "val_probs.npy", "test_probs.npy"):
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / "resume.safetensors").exists()
+    saved = np.load(run_dir / "test_probs.npy")
+    assert saved.dtype == np.float32 and saved.shape == (80, 4)
+    assert np.allclose(saved.sum(1), 1, atol=1e-5)
+
+    model, tokenizer, config = common.load_run(run_dir)
+    splits = common.load_ag_news(AGNEWS_DIR, 160, 80, 40)
+    assert splits["test"].fingerprint() == json.loads((run_dir / "metrics.json").read_text())["fingerprints"]["test"]
+    test = common.Encoded(common.encode(tokenizer, splits["test"].texts, config["max_len"]), splits["test"].labels)
+    assert np.abs(common.predict(model, test, CPU) - saved).max() < 1e-5
+
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [f"error: {run_dir} already holds a run: pass --resume to "
+                                                 f"continue it, or --out to choose another folder"]
