@@ -1,8 +1,10 @@
 """Fixtures shared by several test files."""
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
 
@@ -13,11 +15,31 @@ TINY_LSTM_ARGS = ["--arch", "bilstm_attn", "--train-size", "1000", "--val-size",
                   "--max-len", "48", "--device", "cpu", "--data", str(AGNEWS_DIR)]
 
 
+@contextlib.contextmanager
+def single_thread():
+    """A small LSTM runs one time step after another, each a tiny matrix product: split over threads,
+    the steps spend longer waiting for each other than computing (5x slower on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """torch on one CPU thread for the test, as it was afterwards."""
+    with single_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_lstm_run(tmp_path_factory):
     """Path of a finished tiny bilstm_attn run (config.json, model.safetensors, tokenizer.json,
     metrics.json, val_probs.npy, test_probs.npy). Shared by the session: treat it as read-only."""
     import train_lstm
     run_dir = tmp_path_factory.mktemp("runs") / "bilstm_attn"
-    train_lstm.main([*TINY_LSTM_ARGS, "--out", str(run_dir)])
+    with single_thread():
+        train_lstm.main([*TINY_LSTM_ARGS, "--out", str(run_dir)])
     return run_dir

@@ -145,17 +145,20 @@ def test_directions_put_business_scitech_first_then_by_count():
     assert analyze.confused_directions(counts) == [(T, B), (B, W), (W, S), (S, W)]
 
 
-def test_top_words_rank_by_mean_tfidf_of_the_misclassified_texts():
-    texts = ["internet browser stocks", "internet web", "quarterly shares profit", "shares dividend",
-             "football goal", "tennis final", "election vote", "summit talks"]
-    labels = np.array([B, B, T, T, S, S, W, W])
-    preds = np.array([T, T, B, B, S, S, W, W])
+def test_top_words_rank_by_tfidf_contrast_with_the_texts_classified_right():
+    texts = ["company internet browser", "company internet web", "quarterly shares profit", "shares dividend",
+             "company earnings", "company merger", "football goal", "tennis final", "election vote",
+             "summit talks"]
+    labels = np.array([B, B, T, T, B, B, S, S, W, W])
+    preds = np.array([T, T, B, B, B, B, S, S, W, W])
     ranked = analyze.top_words(texts, labels, preds, [(B, T), (T, B), (W, S)], top_k=2)
-    assert ranked[(B, T)][0][0] == "internet"                     # in both texts, the others in one
+    # "company" is in every Business text, right or wrong: it cancels out; "internet" is in both errors.
+    assert ranked[(B, T)][0][0] == "internet"
+    assert "company" not in [w for w, _ in ranked[(B, T)]]
     assert ranked[(T, B)][0][0] == "shares"
     assert ranked[(W, S)] == []
     kept = analyze.top_words(texts, labels, preds, [(B, T)], top_k=5, keep=lambda w: w != "internet")
-    assert "internet" not in [w for w, _ in kept[(B, T)]] and len(kept[(B, T)]) == 3
+    assert [w for w, _ in kept[(B, T)]] == ["browser", "web"] or [w for w, _ in kept[(B, T)]] == ["web", "browser"]
 
 
 def test_penalty_list_round_trips_into_the_attnpool_table(run, tmp_path):

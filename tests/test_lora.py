@@ -1,17 +1,19 @@
 """LoRA by hand (train_lora.py): exact start at the pretrained model, merge = unmerged, parity with
 peft on the same weights, gradients only where they belong, adapter round trip, and real learning."""
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
+import peft
 import pytest
 import torch
+import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-import train_lora  # noqa: E402
-from train_lora import LoRALinear, count_lora_parameters, inject_lora, merge_lora, unmerge_lora  # noqa: E402
+import common
+import train_lora
+from train_lora import count_lora_parameters, inject_lora, merge_lora, unmerge_lora
+
+AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
             max_position_embeddings=64)
@@ -63,7 +65,8 @@ def test_merged_matches_unmerged_and_unmerge_restores_the_weights():
         assert (unmerged - pretrained).abs().max() > 1e-2  # B != 0: the adapters do change the output
         merged = merge_lora(model)(input_ids, mask)
         assert torch.allclose(merged, unmerged, atol=1e-5, rtol=0)
-        assert not torch.equal(model.bert.layers[0].attn.query.base.weight, frozen["bert.layers.0.attn.query.base.weight"])
+        query = "bert.layers.0.attn.query.base.weight"
+        assert not torch.equal(model.get_parameter(query), frozen[query])  # merged into the weight
         unmerge_lora(model)
         assert torch.allclose(model(input_ids, mask), unmerged, atol=1e-5, rtol=0)
     for name, p in model.named_parameters():
@@ -72,8 +75,6 @@ def test_merged_matches_unmerged_and_unmerge_restores_the_weights():
 
 
 def test_parity_with_peft(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
     torch.manual_seed(3)
     hf = transformers.BertModel(transformers.BertConfig(**TINY, hidden_dropout_prob=0.0,
                                                         attention_probs_dropout_prob=0.0))
@@ -103,7 +104,8 @@ def test_parity_with_peft(tmp_path):
     real = mask[..., None].expand_as(got)
     assert (got[real] - expected[real]).abs().max() < 1e-5
     hf_trainable, _ = hf.get_nb_trainable_parameters()
-    assert count_lora_parameters(ours) == hf_trainable == sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    ours_trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    assert count_lora_parameters(ours) == ours_trainable == hf_trainable
 
 
 def test_only_adapters_and_head_get_gradients():
@@ -121,6 +123,22 @@ def test_only_adapters_and_head_get_gradients():
     # B starts at zero, so A's first gradient is zero; B's is not, which is how training gets going.
     assert model.bert.layers[0].attn.query.lora_B.grad.abs().sum() > 0
     assert model.classifier.weight.grad.abs().sum() > 0
+
+
+def test_frozen_linears_in_bf16_give_the_same_amp_outputs():
+    """autocast would cast the frozen weights to bf16 anyway: storing them in bf16 changes no bit."""
+    model = inject_lora(tiny_classifier(), ["query", "value"], r=4, alpha=8, dropout=0.0).eval()
+    randomize_lora(model)
+    input_ids, mask = random_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids, mask)
+        train_lora.store_frozen_linears_in(model, torch.bfloat16)
+        after = model(input_ids, mask)
+    assert model.bert.layers[0].attn.query.base.weight.dtype == torch.bfloat16
+    assert model.bert.layers[0].ffn_in.weight.dtype == torch.bfloat16       # frozen, not adapted: also bf16
+    assert model.bert.layers[0].attn.query.lora_A.dtype == torch.float32     # trained: fp32 master copy
+    assert model.classifier.weight.dtype == torch.float32
+    assert torch.equal(before, after)
 
 
 def test_unknown_target_is_a_user_error():
@@ -144,21 +162,14 @@ def test_bert_base_parameter_counts(r, expected):
 # --------------------------------------------------------------------------------------------------
 # Real AG News rows: one small training run serves the round-trip and the learning tests.
 # --------------------------------------------------------------------------------------------------
-SMALL_RUN = ["--train-size", "640", "--val-size", "120", "--test-size", "400", "--epochs", "2",
-             "--max-len", "64", "--seed", "0", "--device", "cpu"]
+SMALL_RUN = ["--train-size", "480", "--val-size", "100", "--test-size", "400", "--epochs", "1",
+             "--batch-size", "16", "--max-len", "64", "--seed", "0", "--device", "cpu", "--data", str(AGNEWS_DIR)]
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    if not os.environ.get("AGNEWS_DIR"):
-        pytest.skip("AGNEWS_DIR is not set (CI points it at ../shared/data/ag_news)")
     run_dir = tmp_path_factory.mktemp("lora") / "run"
-    argv = sys.argv
-    sys.argv = ["train_lora.py", *SMALL_RUN, "--out", str(run_dir)]
-    try:
-        train_lora.main()
-    finally:
-        sys.argv = argv
+    train_lora.main([*SMALL_RUN, "--out", str(run_dir)])
     return run_dir
 
 
@@ -169,7 +180,7 @@ def test_adapter_round_trip(small_run):
 
     model, tokenizer, config = common.load_run(small_run)
     assert all(layer.merged for layer in train_lora.lora_layers(model))
-    splits = common.load_ag_news(None, 640, 400, 120)
+    splits = common.load_ag_news(AGNEWS_DIR, train_size=480, test_size=400, val_size=100)  # as SMALL_RUN
     data = common.encode_splits(tokenizer, {"test": splits["test"]}, config["max_len"])
     probs = common.predict(model, data["test"], common.setup_runtime("cpu"))
     np.testing.assert_allclose(probs, np.load(small_run / "test_probs.npy"), atol=1e-5, rtol=0)

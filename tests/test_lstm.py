@@ -13,6 +13,7 @@ import common
 import train_lstm
 
 AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest.single_thread
 
 
 def train(run_dir, *flags):
@@ -94,6 +95,19 @@ def test_attention_weights_sum_to_one_over_real_tokens_and_are_zero_on_padding()
         torch.testing.assert_close(features[i], a @ h, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("arch", train_lstm.ARCHS)
+def test_forward_under_bf16_autocast_stays_close_to_float32(arch):
+    """common.train runs models under autocast on GPUs; the CPU's bf16 autocast checks that every
+    dtype meets its partner and the logits move by rounding only."""
+    torch.manual_seed(0)
+    model = train_lstm.LSTMClassifier(50, arch, embed_dim=16, hidden_size=12).eval()
+    input_ids, mask = random_batch([6, 10, 3], 50, seed=4)
+    logits = model(input_ids, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp_logits = model(input_ids, mask)
+    torch.testing.assert_close(amp_logits.float(), logits, atol=0.05, rtol=0)
+
+
 def test_forget_gates_start_open():
     """PyTorch's gate order is [input, forget, cell, output]: b_ih + b_hh of the forget gate is 1."""
     model = train_lstm.LSTMClassifier(50, "bilstm_attn", embed_dim=8, hidden_size=6)
@@ -152,7 +166,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeyp
         train(tmp_path / "cut", *flags)
     resumed = train(tmp_path / "cut", *flags, "--resume")
 
-    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in whole["history"]], abs=1e-6)
+    losses = [h["train_loss"] for h in resumed["history"]]
+    assert losses == pytest.approx([h["train_loss"] for h in whole["history"]], abs=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "cut" / "test_probs.npy"),
                                np.load(tmp_path / "whole" / "test_probs.npy"), atol=1e-6, rtol=0)
     assert not (tmp_path / "cut" / "resume.json").exists()

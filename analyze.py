@@ -1,0 +1,655 @@
+"""Error analysis of a saved run, as pictures and tables.
+
+    python analyze.py --report --confusion                 # the newest finished run under runs/
+    python analyze.py --run runs/bert_pooler --pca --tsne --sample 2000
+    python analyze.py --run runs/bert_pooler --tfidf --top-k 15   # -> analysis/penalty_words.json
+    python analyze.py --run runs/bert_attnpool --errors --attribution --top 5
+    python analyze.py --run runs/bert_pooler --attribution --text 'Oracle buys PeopleSoft for $10bn'
+    python analyze.py --run runs/bert_pooler --curves
+
+Everything is read from the run folder: config.json (how it was trained), metrics.json (its history
+and the fingerprint of its test split), test_probs.npy (its probabilities on that split) and, for the
+embedding maps and attributions, the model itself. Figures are PNG files in <run>/analysis/ (or
+--out); every table is printed.
+
+The questions, in order: how good is it (--report), which classes does it mix up (--confusion), do
+the classes separate in its sentence vectors (--pca, --tsne), which words go with the mix-ups
+(--tfidf; the list feeds the attnpool head's --penalty-words), which texts does it get wrong with
+the most confidence (--errors), which tokens pushed it there (--attribution), and did training
+converge (--curves).
+"""
+import argparse
+import json
+import textwrap
+from functools import cached_property
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")  # files only, no display: must be chosen before pyplot is imported
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn as nn
+from matplotlib.colors import Normalize
+from sklearn.decomposition import PCA
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.manifold import TSNE
+from sklearn.metrics import confusion_matrix, f1_score
+from sklearn.model_selection import train_test_split
+
+import common
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+DPI = 100
+CONFUSION_SIZE = (12, 5)     # inches: counts | row-normalised rates
+MAP_SIZE = (8, 7)            # one PCA or t-SNE scatter
+CURVES_SIZE = (11, 4.5)      # loss | accuracy and macro F1
+WIDE = 12                    # width of the figures whose height follows their content (tokens, words)
+CLASS_COLOURS = ["tab:blue", "tab:green", "tab:orange", "tab:purple"]
+BUSINESS, SCITECH = common.CLASS_NAMES.index("Business"), common.CLASS_NAMES.index("Sci/Tech")
+TSNE_PCA_DIMS = 50           # t-SNE runs on the top principal components: much faster, same picture
+PAD_ID = 0                   # common.pad_batch pads with id 0 ([PAD] in the BERT vocabularies)
+# TF-IDF words: letters only (numbers and years are not topics), 2+ of them, English stop words out.
+WORD_PATTERN = r"(?u)\b[^\W\d_]{2,}\b"
+
+
+def save_figure(fig, path):
+    """Write at a fixed DPI and no 'tight' cropping, so a figure's pixel size is its inches * DPI."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The run: config, metrics, its test split and probabilities, its model (each loaded when first used)
+# --------------------------------------------------------------------------------------------------
+def newest_run(root="runs"):
+    runs = common.find_runs(root)
+    if not runs:
+        raise common.UserError(f"no finished run under {root}/: pass --run runs/NAME")
+    return runs[-1]
+
+
+def load_test_split(run_dir, config, metrics, data_dir=None):
+    """The test rows the run was scored on: the data settings it was trained with (config["args"]),
+    checked against the fingerprint in metrics.json, so probabilities and labels line up row by row."""
+    args = config.get("args", {})
+    splits = common.load_ag_news(data_dir or args.get("data"), args.get("train_size"),
+                                 args.get("test_size"), args.get("val_size"))
+    test = splits["test"]
+    expected = metrics.get("fingerprints", {}).get("test")
+    if expected is None:
+        raise common.UserError(f"{run_dir}/metrics.json: no fingerprints.test, so its test rows cannot be checked")
+    if test.fingerprint() != expected:
+        raise common.UserError(
+            f"{run_dir}: the test split loaded now (fingerprint {test.fingerprint()}, {len(test)} rows) is not "
+            f"the one the run was scored on ({expected}); pass --data with the AG News folder it was trained on")
+    return test
+
+
+class SavedRun:
+    """A finished run folder. The test split, the saved probabilities and the model load on first use,
+    so --curves needs no data and --confusion no model."""
+
+    def __init__(self, run_dir, data_dir=None, device="auto"):
+        self.dir = Path(run_dir)
+        if not (self.dir / "metrics.json").exists():
+            raise common.UserError(f"{self.dir}: no metrics.json (not a finished run folder)")
+        self.config = common.load_json(self.dir / "config.json")
+        self.metrics = common.load_json(self.dir / "metrics.json")
+        self.data_dir = data_dir
+        self.device = device
+
+    @cached_property
+    def test(self):
+        return load_test_split(self.dir, self.config, self.metrics, self.data_dir)
+
+    @cached_property
+    def probs(self):
+        """(N, 4) float32, rows in test-split order."""
+        path = self.dir / "test_probs.npy"
+        try:
+            probs = np.load(path)
+        except (OSError, ValueError) as err:
+            raise common.UserError(f"{path}: cannot read ({err})") from None
+        if probs.shape != (len(self.test), common.NUM_CLASSES):
+            raise common.UserError(f"{path}: shape {probs.shape}, expected ({len(self.test)}, {common.NUM_CLASSES})")
+        return probs
+
+    @property
+    def preds(self):
+        return self.probs.argmax(1)
+
+    @cached_property
+    def runtime(self):
+        return common.setup_runtime(self.device)
+
+    @cached_property
+    def model_and_tokenizer(self):
+        model, tokenizer, _ = common.load_run(self.dir, self.runtime.device)
+        return model, tokenizer
+
+    @property
+    def max_len(self):
+        return self.config.get("max_len") or self.config.get("args", {}).get("max_len", 128)
+
+
+# --------------------------------------------------------------------------------------------------
+# --report and --confusion
+# --------------------------------------------------------------------------------------------------
+def show_report(run):
+    common.print_report(run.test.labels, run.probs)
+    macro_f1 = f1_score(run.test.labels, run.preds, average="macro")
+    print(f"macro F1 {macro_f1:.4f}")
+    return macro_f1
+
+
+def plot_confusion(counts, rates, path):
+    fig, axes = plt.subplots(1, 2, figsize=CONFUSION_SIZE)
+    panels = [(counts, "counts", lambda i, j: f"{counts[i, j]}"),
+              (rates, "rates (each true class's row sums to 1)", lambda i, j: f"{rates[i, j]:.2f}")]
+    for ax, (values, title, label) in zip(axes, panels):
+        image = ax.imshow(values, cmap="Blues")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        for i in range(common.NUM_CLASSES):
+            for j in range(common.NUM_CLASSES):
+                dark = values[i, j] > values.max() / 2
+                ax.text(j, i, label(i, j), ha="center", va="center", color="white" if dark else "black")
+        ax.set_xticks(range(common.NUM_CLASSES), common.CLASS_NAMES)
+        ax.set_yticks(range(common.NUM_CLASSES), common.CLASS_NAMES)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def print_matrix(values, fmt):
+    width = max(len(name) for name in common.CLASS_NAMES) + 2
+    print("true \\ predicted".ljust(width + 6) + "".join(name.rjust(width) for name in common.CLASS_NAMES))
+    for name, row in zip(common.CLASS_NAMES, values):
+        print(name.ljust(width + 6) + "".join(format(v, fmt).rjust(width) for v in row))
+
+
+def show_confusion(run, out_dir):
+    """Counts (4, 4), rows = true class, columns = predicted; and the same divided by row totals."""
+    counts = confusion_matrix(run.test.labels, run.preds, labels=range(common.NUM_CLASSES))
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    print("\nconfusion matrix, counts:")
+    print_matrix(counts, "d")
+    print("\nrow-normalised (recall on the diagonal):")
+    print_matrix(rates, ".3f")
+    plot_confusion(counts, rates, Path(out_dir) / "confusion.png")
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# --pca and --tsne: the sentence vectors (model.features) of a stratified sample, in 2-D
+# --------------------------------------------------------------------------------------------------
+def stratified_sample(labels, size, seed):
+    """Row indices of `size` rows with the class proportions of `labels`, in split order."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    if size < common.NUM_CLASSES:
+        raise common.UserError(f"--sample {size}: need at least one row per class ({common.NUM_CLASSES})")
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
+    return np.sort(keep)
+
+
+def sentence_features(run, rows):
+    """model.features of the given test rows: (len(rows), F) float32."""
+    model, tokenizer = run.model_and_tokenizer
+    texts = [run.test.texts[i] for i in rows]
+    encoded = common.Encoded(common.encode(tokenizer, texts, run.max_len), run.test.labels[rows])
+    return common.predict(model, encoded, run.runtime, features=True)
+
+
+def plot_map(points, labels, wrong, title, axis_labels, path):
+    """Scatter of 2-D points coloured by true class; misclassified points ringed in black."""
+    fig, ax = plt.subplots(figsize=MAP_SIZE)
+    for c, name in enumerate(common.CLASS_NAMES):
+        at = labels == c
+        ax.scatter(points[at, 0], points[at, 1], s=8, alpha=0.6, color=CLASS_COLOURS[c], label=name)
+    ax.scatter(points[wrong, 0], points[wrong, 1], s=40, facecolors="none", edgecolors="black",
+               linewidths=0.8, label=f"misclassified ({wrong.sum()})")
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def show_maps(run, out_dir, methods, sample, seed):
+    """methods: a subset of ("pca", "tsne"). Returns the written paths."""
+    rows = stratified_sample(run.test.labels, sample, seed)
+    features = sentence_features(run, rows)                       # (S, F)
+    labels, wrong = run.test.labels[rows], run.preds[rows] != run.test.labels[rows]
+    what = f"{run.dir.name}: sentence vectors of {len(rows)} test rows"
+    print(f"\n{what} (features {features.shape[1]}-D, {wrong.sum()} misclassified)")
+    paths = []
+    if "pca" in methods:
+        pca = PCA(n_components=2, random_state=seed)
+        points = pca.fit_transform(features)
+        ratio = pca.explained_variance_ratio_
+        print(f"PCA explained variance: PC1 {ratio[0]:.3f}, PC2 {ratio[1]:.3f}, together {ratio.sum():.3f}")
+        paths.append(plot_map(points, labels, wrong, f"PCA, {what}",
+                              (f"PC1 ({ratio[0]:.1%} of variance)", f"PC2 ({ratio[1]:.1%})"),
+                              Path(out_dir) / "pca.png"))
+    if "tsne" in methods:
+        reduced = features
+        if min(features.shape) > TSNE_PCA_DIMS:
+            reduced = PCA(n_components=TSNE_PCA_DIMS, random_state=seed).fit_transform(features)
+        # perplexity ~ the number of neighbours each point keeps; it must stay below the point count
+        perplexity = min(30.0, (len(rows) - 1) / 3)
+        points = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+                      random_state=seed).fit_transform(reduced)
+        paths.append(plot_map(points, labels, wrong, f"t-SNE, {what}", ("t-SNE 1", "t-SNE 2"),
+                              Path(out_dir) / "tsne.png"))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# --tfidf: the words of each confusion, and the penalty word list for the attnpool head
+# --------------------------------------------------------------------------------------------------
+def confused_directions(counts):
+    """(true, predicted) pairs with at least one error: Business<->Sci/Tech first, then by count."""
+    first = [(BUSINESS, SCITECH), (SCITECH, BUSINESS)]
+    others = [(t, p) for t in range(common.NUM_CLASSES) for p in range(common.NUM_CLASSES)
+              if t != p and (t, p) not in first and counts[t, p] > 0]
+    return [d for d in first if counts[d] > 0] + sorted(others, key=lambda d: -counts[d])
+
+
+def direction_name(true_class, predicted):
+    return f"{common.CLASS_NAMES[true_class]}->{common.CLASS_NAMES[predicted]}"
+
+
+def is_single_piece(tokenizer, word):
+    """True when the tokenizer keeps `word` whole. The attnpool head penalises every piece of a listed
+    word, so a split word such as 'outsourcing' -> 'outs', '##our', '##cing' would penalise fragments
+    that occur in unrelated words everywhere; an unknown word would penalise every [UNK]."""
+    encoding = tokenizer.encode(word, add_special_tokens=False)
+    return len(encoding.ids) == 1 and encoding.tokens[0] != getattr(tokenizer.model, "unk_token", None)
+
+
+def top_words(texts, labels, preds, directions, top_k, keep=lambda word: True):
+    """For each (true, predicted) direction: the top_k words by how much more mean TF-IDF weight
+    they carry in the texts misclassified that way than in the texts of the true class classified
+    right, as [(word, weight difference)], skipping words for which keep(word) is False.
+    The contrast matters: ranked by weight alone, a Business text's top words are company, said,
+    million, whatever went wrong; the difference keeps the words that pull it towards Sci/Tech."""
+    vectorizer = TfidfVectorizer(stop_words="english", token_pattern=WORD_PATTERN)
+    weights = vectorizer.fit_transform(texts)                      # (N, V) sparse
+    vocabulary = vectorizer.get_feature_names_out()
+    ranked = {}
+    for true_class, predicted in directions:
+        rows = np.flatnonzero((labels == true_class) & (preds == predicted))
+        if len(rows) == 0:
+            ranked[(true_class, predicted)] = []
+            continue
+        right = np.flatnonzero((labels == true_class) & (preds == true_class))
+        mean = np.asarray(weights[rows].mean(0)).ravel()           # (V,)
+        if len(right):
+            mean -= np.asarray(weights[right].mean(0)).ravel()
+        order = np.argsort(-mean, kind="stable")
+        words = [(vocabulary[i], float(mean[i])) for i in order if mean[i] > 0 and keep(vocabulary[i])]
+        ranked[(true_class, predicted)] = words[:top_k]
+    return ranked
+
+
+def penalty_tokenizer(config):
+    """The tokenizer of the BERT model whose attnpool head will read the list: the run's own model
+    for a BERT run, else the default model (its uncased vocabulary is bert-base-uncased's)."""
+    model = config["model"] if config.get("script") in ("train_bert", "train_lora") else "minilm"
+    return common.load_tokenizer(common.resolve_model(model))
+
+
+def plot_words(ranked, counts, path):
+    """One horizontal bar chart of mean TF-IDF weights per direction, stacked."""
+    directions = list(ranked)
+    fig, axes = plt.subplots(len(directions), 1, squeeze=False,
+                             figsize=(WIDE, 1 + sum(0.25 * max(len(w), 1) + 0.8 for w in ranked.values())),
+                             gridspec_kw={"height_ratios": [max(len(w), 1) + 3 for w in ranked.values()]})
+    for ax, direction in zip(axes[:, 0], directions):
+        words = ranked[direction]
+        ax.barh(range(len(words)), [w for _, w in words], color=CLASS_COLOURS[direction[1]])
+        ax.set_yticks(range(len(words)), [word for word, _ in words])
+        ax.invert_yaxis()
+        if not words:
+            ax.text(0.5, 0.5, "no text misclassified this way", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{direction_name(*direction)}: {counts[direction]} texts, top words by TF-IDF contrast",
+                     fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def show_tfidf(run, out_dir, pairs, top_k, json_path=None):
+    """Prints the words of every confused direction; writes the penalty list (Business<->Sci/Tech, or
+    every confused direction with pairs="all") and its bar chart. Returns (word lists, JSON path)."""
+    counts = confusion_matrix(run.test.labels, run.preds, labels=range(common.NUM_CLASSES))
+    tokenizer = penalty_tokenizer(run.config)
+    directions = confused_directions(counts)
+    ranked = top_words(run.test.texts, run.test.labels, run.preds, directions, top_k,
+                       keep=lambda word: is_single_piece(tokenizer, word))
+    print(f"\ntop {top_k} words of each confusion (mean TF-IDF over the texts misclassified that way, "
+          f"minus over those of the true class classified right; whole words of the tokenizer only):")
+    for direction, words in ranked.items():
+        print(f"\n{direction_name(*direction)}  ({counts[direction]} texts)")
+        print(textwrap.fill("  ".join(f"{word} {weight:.3f}" for word, weight in words), 100,
+                            initial_indent="  ", subsequent_indent="  "))
+
+    listed = [(BUSINESS, SCITECH), (SCITECH, BUSINESS)]
+    if pairs == "all":
+        listed += [d for d in directions if d not in listed]
+    penalty_words = {direction_name(*d): [word for word, _ in ranked.get(d, [])] for d in listed}
+    json_path = Path(json_path) if json_path else Path(out_dir) / "penalty_words.json"
+    common.save_json(json_path, penalty_words)
+    print(f"\nwrote {json_path} ({sum(map(len, penalty_words.values()))} words; "
+          f"train with: python train_bert.py --head attnpool --penalty-words {json_path})")
+    plot_words({d: ranked.get(d, []) for d in listed}, counts, Path(out_dir) / "tfidf_words.png")
+    return penalty_words, json_path
+
+
+# --------------------------------------------------------------------------------------------------
+# --errors: the most confidently wrong test rows
+# --------------------------------------------------------------------------------------------------
+def confident_errors(probs, labels, top):
+    """Indices of misclassified rows, highest probability of the (wrong) predicted class first."""
+    preds = probs.argmax(1)
+    wrong = np.flatnonzero(preds != labels)
+    confidence = probs[wrong, preds[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")][:top]
+
+
+def show_errors(run, top):
+    rows = confident_errors(run.probs, run.test.labels, top)
+    print(f"\nthe {len(rows)} most confidently wrong of {int((run.preds != run.test.labels).sum())} errors:")
+    print(f"{'row':>5}  {'true':<9} {'predicted':<9} {'p(pred)':>7} {'p(true)':>7}  text")
+    for i in rows:
+        true_class, predicted = run.test.labels[i], run.preds[i]
+        print(f"{i:>5}  {common.CLASS_NAMES[true_class]:<9} {common.CLASS_NAMES[predicted]:<9} "
+              f"{run.probs[i, predicted]:>7.3f} {run.probs[i, true_class]:>7.3f}  "
+              f"{textwrap.shorten(run.test.texts[i], 90, placeholder=' ...')}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# --attribution: integrated gradients on the input word embeddings
+# --------------------------------------------------------------------------------------------------
+# Integrated gradients (Sundararajan et al. 2017) credits each input with its share of the change in
+# the output along a straight path from a baseline x' to the input x:
+#
+#     attribution_t = sum_d (x - x')_td * integral_0^1 dF(x' + a (x - x'))/dx_td da
+#
+# F is the logit of the predicted class (logits, not probabilities: the softmax saturates, and then
+# the gradients along most of the path are ~0). The integral is the trapezoid rule over `steps`
+# intervals. Completeness: the attributions sum to F(x) - F(x'), up to that rule's error.
+#
+# Baseline: the same ids with every token except [CLS] and [SEP] replaced by [PAD], embedded by the
+# model's own table (the usual reference for BERT, as in Captum's tutorials). Why not zeros? The
+# word vectors are summed with position vectors and then LayerNorm-ed, so a zero word vector is a
+# point the encoder has never been shown, while [PAD] is a row of the same table, of the same scale
+# as the words. Only the words differ between x' and x: positions, [CLS], [SEP] and the attention
+# mask stay, and the mask must not change along the path (IG integrates over embeddings only).
+# For the LSTM runs the [PAD] row is all zeros (nn.Embedding's padding_idx), so there both coincide.
+#
+# The model is run unchanged: a forward hook swaps the output of its word-embedding table for the
+# points of the path. This works for every model with one nn.Embedding of words (our BERT, the LSTMs).
+
+
+def word_embedding_table(model):
+    if hasattr(model, "bert"):
+        return model.bert.embeddings.word
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if len(tables) != 1:
+        raise common.UserError(f"--attribution: cannot tell which of the model's {len(tables)} embedding "
+                               f"tables holds the words")
+    return tables[0]
+
+
+def integrated_gradients(model, input_ids, baseline_ids, target, steps=50, chunk=16):
+    """input_ids, baseline_ids (T,) long; target the class whose logit is explained.
+    Returns (attributions (T,), F(x), F(x')) as float tensors on the CPU."""
+    model.eval()
+    table = word_embedding_table(model)
+    with torch.no_grad():
+        x = table(input_ids[None]).float()                     # (1, T, D)
+        x_base = table(baseline_ids[None]).float()             # (1, T, D)
+    alphas = torch.linspace(0, 1, steps + 1, device=x.device)  # path points, both ends included
+    trapezoid = torch.ones(steps + 1, device=x.device)
+    trapezoid[[0, -1]] = 0.5
+    trapezoid /= steps
+
+    path = {}
+    hook = table.register_forward_hook(lambda module, inputs, output: path["points"])
+    grad_sum = torch.zeros_like(x[0])                          # (T, D)
+    outputs = []
+    try:
+        # cuDNN's LSTM has no backward pass in eval mode; the plain kernels have one.
+        with torch.backends.cudnn.flags(enabled=False):
+            for a, w in zip(alphas.split(chunk), trapezoid.split(chunk)):
+                points = (x_base + a[:, None, None] * (x - x_base)).requires_grad_(True)   # (S, T, D)
+                path["points"] = points
+                ids = input_ids.expand(len(a), -1)
+                mask = torch.ones_like(ids, dtype=torch.bool)
+                logit = model(ids, mask)[:, target].float()   # (S,)
+                (grad,) = torch.autograd.grad(logit.sum(), points)
+                grad_sum += (w[:, None, None] * grad).sum(0)
+                outputs.append(logit.detach())
+    finally:
+        hook.remove()
+    outputs = torch.cat(outputs)
+    attributions = ((x - x_base)[0] * grad_sum).sum(-1)       # (T,)
+    return attributions.cpu(), outputs[-1].cpu(), outputs[0].cpu()
+
+
+def baseline_for(input_ids, tokenizer):
+    specials = [tokenizer.token_to_id(tok) for tok in ("[CLS]", "[SEP]")]
+    keep = torch.zeros_like(input_ids, dtype=torch.bool)
+    for special in specials:
+        if special is not None:
+            keep |= input_ids == special
+    return torch.where(keep, input_ids, torch.full_like(input_ids, PAD_ID))
+
+
+def attention_weights(model, input_ids):
+    """Attention over tokens (T,) of a model that keeps `last_weights` (attnpool, bilstm_attn), else None."""
+    holders = [m for m in model.modules() if hasattr(m, "last_weights")]
+    if not holders:
+        return None
+    for m in holders:
+        m.last_weights = None
+    with torch.no_grad():
+        model(input_ids[None], torch.ones_like(input_ids[None], dtype=torch.bool))
+    weights = next((m.last_weights for m in holders if m.last_weights is not None), None)
+    return None if weights is None else weights[0].float().cpu()
+
+
+def layout_tokens(tokens, chars_per_line):
+    """(line, column) in characters of each token, wrapped like running text; and the line count."""
+    positions, line, column = [], 0, 0
+    for token in tokens:
+        if column and column + len(token) > chars_per_line:
+            line, column = line + 1, 0
+        positions.append((line, column))
+        column += len(token) + 1
+    return positions, line + 1
+
+
+def plot_tokens(tokens, panels, title, path):
+    """Tokens as text boxes, one panel per (heading, values (T,), colormap, norm)."""
+    font_size = 10
+    char_width = 0.6 * font_size / 72                           # inches; DejaVu Sans Mono advance
+    chars_per_line = int(WIDE / char_width) - 4
+    positions, n_lines = layout_tokens(tokens, chars_per_line)
+    rows = len(panels) * (n_lines + 2)                          # a heading and a gap per panel
+    line_height = 0.3                                           # inches
+    fig = plt.figure(figsize=(WIDE, (rows + 2) * line_height))
+    ax = fig.add_axes((0, 0, 1, rows / (rows + 2)))
+    ax.set_xlim(-1, chars_per_line + 3)
+    ax.set_ylim(rows, -0.5)
+    ax.axis("off")
+    fig.suptitle(textwrap.shorten(title, 150), fontsize=11, y=1 - 0.5 / (rows + 2), va="center")
+    for k, (heading, values, cmap, norm) in enumerate(panels):
+        top = k * (n_lines + 2)
+        ax.text(0, top, heading, fontsize=10, weight="bold", va="center")
+        for token, (line, column), value in zip(tokens, positions, values):
+            colour = matplotlib.colormaps[cmap](norm(float(value)))
+            ax.text(column, top + 1 + line, token, family="monospace", fontsize=font_size, va="center",
+                    bbox={"facecolor": colour, "edgecolor": "none", "boxstyle": "square,pad=0.15"})
+    return save_figure(fig, path)
+
+
+def explain(model, tokenizer, text, max_len, steps, title, path):
+    """IG for one text: prints the tokens with their attributions and writes the coloured-token PNG.
+    Returns (attributions (T,), F(x), F(x'), predicted class)."""
+    device = next(model.parameters()).device
+    input_ids = torch.from_numpy(common.encode(tokenizer, [text], max_len)[0]).to(device)   # (T,)
+    with torch.no_grad():
+        logits = model(input_ids[None], torch.ones_like(input_ids[None], dtype=torch.bool))[0].float()
+    predicted = int(logits.argmax())
+    attributions, f_x, f_base = integrated_gradients(model, input_ids, baseline_for(input_ids, tokenizer),
+                                                     predicted, steps)
+    weights = attention_weights(model, input_ids)
+    tokens = [tokenizer.id_to_token(int(i)) for i in input_ids]
+    name = common.CLASS_NAMES[predicted]
+    probability = float(logits.softmax(-1)[predicted])
+
+    print(f"\n{title}\n  predicted {name} (p {probability:.3f}); logit {f_x:.3f} - baseline logit "
+          f"{f_base:.3f} = {f_x - f_base:.3f}, sum of attributions {attributions.sum():.3f}")
+    listing = [f"{tok} {a:+.3f}" for tok, a in zip(tokens, attributions.tolist())]
+    if weights is not None:
+        print("  token, attribution, attention weight of the model's pooling:")
+        listing = [f"{item} ({w:.2f})" for item, w in zip(listing, weights.tolist())]
+    print(textwrap.fill(" | ".join(listing), 110, initial_indent="  ", subsequent_indent="  "))
+
+    limit = float(attributions.abs().max()) or 1.0
+    panels = [(f"integrated gradients of the {name} logit: red pushes towards {name}, blue away "
+               f"(scale +-{limit:.3f})", attributions, "bwr", Normalize(-limit, limit))]
+    if weights is not None:
+        # The darkest green at 1.5 x the largest weight, so black text stays readable on every box.
+        panels.append((f"attention weights of the model's pooling (max {float(weights.max()):.3f}; "
+                       f"uniform would be 1/{len(tokens)} = {1 / len(tokens):.3f})", weights,
+                       "Greens", Normalize(0, 1.5 * float(weights.max()))))
+    plot_tokens(tokens, panels, f"predicted {name} (p {probability:.2f})  |  {title}", path)
+    return attributions, f_x, f_base, predicted
+
+
+def show_attribution(run, out_dir, texts, top, steps):
+    """IG over the given texts, or over the `top` most confidently wrong test rows."""
+    model, tokenizer = run.model_and_tokenizer
+    if texts:
+        cases = [(text, f"--text {i + 1}: {text}") for i, text in enumerate(texts)]
+    else:
+        cases = [(run.test.texts[i], f"test row {i}, true {common.CLASS_NAMES[run.test.labels[i]]}: "
+                                     f"{run.test.texts[i]}")
+                 for i in confident_errors(run.probs, run.test.labels, top)]
+    paths = []
+    for k, (text, title) in enumerate(cases, start=1):
+        path = Path(out_dir) / f"attribution_{k:02d}.png"
+        explain(model, tokenizer, text, run.max_len, steps, title, path)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# --curves
+# --------------------------------------------------------------------------------------------------
+def show_curves(run, out_dir):
+    history = run.metrics.get("history")
+    if not history:
+        raise common.UserError(f"{run.dir}/metrics.json: no history")
+    keys = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1"]
+    missing = [k for k in keys if k not in history[0]]
+    if missing:
+        raise common.UserError(f"{run.dir}/metrics.json: history lacks {', '.join(missing)}")
+    print("\n" + "".join(f"{k:>14}" for k in keys))
+    for h in history:
+        print(f"{h['epoch']:>14}" + "".join(f"{h[k]:>14.4f}" for k in keys[1:]))
+
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=CURVES_SIZE)
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        loss_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    for key, label in (("val_accuracy", "validation accuracy"), ("val_macro_f1", "validation macro F1")):
+        score_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    best = run.metrics.get("best_epoch")
+    for ax, title in ((loss_ax, "cross-entropy loss"), (score_ax, "validation scores")):
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle=":", label=f"best epoch ({best})")
+        ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(run.dir.name)
+    fig.tight_layout()
+    return save_figure(fig, Path(out_dir) / "curves.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+ACTIONS = ["report", "confusion", "pca", "tsne", "tfidf", "errors", "attribution", "curves"]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="run folder (default: the newest finished run under runs/)")
+    parser.add_argument("--out", help="folder for the figures and word list (default <run>/analysis)")
+    parser.add_argument("--data", help="AG News folder (default: the one the run was trained on, or $AGNEWS_DIR)")
+    parser.add_argument("--report", action="store_true", help="classification report and macro F1 on the test set")
+    parser.add_argument("--confusion", action="store_true", help="confusion matrix: counts and row rates")
+    parser.add_argument("--pca", action="store_true", help="PCA map of the sentence vectors")
+    parser.add_argument("--tsne", action="store_true", help="t-SNE map of the sentence vectors")
+    parser.add_argument("--sample", type=int, default=2000, help="test rows in the PCA/t-SNE maps (stratified)")
+    parser.add_argument("--tfidf", action="store_true", help="top words of each confusion; writes the penalty list")
+    parser.add_argument("--pairs", default="business-scitech", choices=["business-scitech", "all"],
+                        help="directions written to the penalty list")
+    parser.add_argument("--top-k", type=int, default=15, help="words per direction")
+    parser.add_argument("--penalty-json", help="where to write the penalty list (default <out>/penalty_words.json)")
+    parser.add_argument("--errors", action="store_true", help="the most confidently wrong test rows")
+    parser.add_argument("--top", type=int, default=10, help="rows for --errors (and --attribution without --text)")
+    parser.add_argument("--attribution", action="store_true", help="integrated-gradient token attributions")
+    parser.add_argument("--text", action="append", help="text to explain (repeatable); default: the top errors")
+    parser.add_argument("--steps", type=int, default=50, help="integrated-gradient steps (trapezoid rule)")
+    parser.add_argument("--curves", action="store_true", help="training and validation curves per epoch")
+    parser.add_argument("--seed", type=int, default=0, help="sample and t-SNE seed")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not any(getattr(args, action) for action in ACTIONS):
+        raise common.UserError("nothing to do: pass one or more of " + ", ".join(f"--{a}" for a in ACTIONS))
+    for flag, value in (("--sample", args.sample), ("--top-k", args.top_k), ("--top", args.top),
+                        ("--steps", args.steps)):
+        if value < 1:
+            raise common.UserError(f"{flag} must be at least 1, got {value}")
+    run = SavedRun(args.run or newest_run(), args.data, args.device)
+    out_dir = Path(args.out) if args.out else run.dir / "analysis"
+    print(f"analysing {run.dir} ({run.config.get('script')}); figures go to {out_dir}/")
+
+    if args.report:
+        show_report(run)
+    if args.confusion:
+        show_confusion(run, out_dir)
+    if args.pca or args.tsne:
+        show_maps(run, out_dir, [m for m in ("pca", "tsne") if getattr(args, m)], args.sample, args.seed)
+    if args.tfidf:
+        show_tfidf(run, out_dir, args.pairs, args.top_k, args.penalty_json)
+    if args.errors:
+        show_errors(run, args.top)
+    if args.attribution:
+        show_attribution(run, out_dir, args.text, args.top, args.steps)
+    if args.curves:
+        show_curves(run, out_dir)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

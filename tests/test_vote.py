@@ -1,0 +1,227 @@
+"""vote.py: weights fitted on validation reach the known optimum, an ensemble of a model with itself
+is that model, runs scored on other rows are refused, and the texts table is stable and adds up."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import vote
+
+AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest.single_thread
+
+
+def probs_with_true_class_prob(labels, p_true):
+    """(N, 4): probability p_true[i] on the true class of row i, the rest spread evenly."""
+    p_true = np.asarray(p_true, dtype=np.float64)
+    probs = np.repeat(((1 - p_true) / 3)[:, None], 4, axis=1)
+    probs[np.arange(len(labels)), labels] = p_true
+    return probs
+
+
+def log_loss(probs, labels):
+    return -np.log(probs[np.arange(len(labels)), labels]).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# fit_weights
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("q", [0.5, 0.4, 0.7])
+def test_fit_weights_reaches_the_analytic_optimum(q):
+    """A is right on the first q of the rows (p = 0.9 there, 0.2 elsewhere), B on the rest (0.2, 0.8).
+    With w on A the mixture gives the true class b + w (a - b) on each part, and the log-loss
+    -q log(b1 + w d1) - (1-q) log(b2 + w d2) is least at w* = -(q d1 b2 + (1-q) d2 b1) / (d1 d2)."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    labels = rng.integers(0, 4, n)
+    first = np.arange(n) < q * n
+    a1, a2, b1, b2 = 0.9, 0.2, 0.2, 0.8
+    member_a = probs_with_true_class_prob(labels, np.where(first, a1, a2))
+    member_b = probs_with_true_class_prob(labels, np.where(first, b1, b2))
+    assert (member_a.argmax(1) == labels)[first].all() and not (member_a.argmax(1) == labels)[~first].any()
+    assert (member_b.argmax(1) == labels)[~first].all() and not (member_b.argmax(1) == labels)[first].any()
+
+    d1, d2 = a1 - b1, a2 - b2
+    best = -(q * d1 * b2 + (1 - q) * d2 * b1) / (d1 * d2)
+    weights = vote.fit_weights([member_a, member_b], labels)
+    assert weights == pytest.approx([best, 1 - best], abs=1e-4)
+
+
+def test_fit_weights_matches_a_grid_search_over_the_simplex():
+    """Three noisy members of different quality (the best weights lie inside the simplex): no point
+    of a fine grid on the simplex has a lower validation log-loss than the fitted weights."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 500)
+    members = []
+    for sharpness in (1.0, 1.5, 2.0):
+        logits = 1.5 * rng.normal(size=(500, 4)) + sharpness * np.eye(4)[labels]
+        members.append(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))
+    weights = vote.fit_weights(members, labels)
+    assert weights.min() > 0.05 and weights.sum() == pytest.approx(1, abs=1e-12)
+
+    step = 0.005
+    w0, w1 = np.meshgrid(np.arange(0, 1 + step / 2, step), np.arange(0, 1 + step / 2, step))
+    grid = np.stack([w0.ravel(), w1.ravel(), 1 - w0.ravel() - w1.ravel()])
+    grid = grid[:, grid[2] >= -1e-12].clip(0, None)                     # (3, G) points of the simplex
+    true_class = np.stack([m[np.arange(500), labels] for m in members], axis=1)  # (N, 3)
+    grid_losses = -np.log(true_class @ grid).mean(0)
+    fitted_loss = log_loss(vote.ensemble_probs(members, weights), labels)
+    assert fitted_loss <= grid_losses.min() + 1e-9
+    assert weights == pytest.approx(grid[:, grid_losses.argmin()], abs=2 * step)
+
+
+def test_ensemble_of_a_model_with_itself_is_that_model():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 4, 300)
+    probs = rng.dirichlet(np.ones(4), size=300)
+    weights = vote.fit_weights([probs, probs], labels)
+    np.testing.assert_allclose(vote.ensemble_probs([probs, probs], weights), probs, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(vote.ensemble_probs([probs, probs], [0.9, 0.1]), probs, atol=1e-12, rtol=0)
+
+
+def test_hand_weights_are_checked_and_normalised():
+    assert vote.parse_weights("3,1", 2) == pytest.approx([0.75, 0.25])
+    for bad in ("0.5", "a,b", "-1,2", "0,0"):
+        with pytest.raises(common.UserError, match="--weights"):
+            vote.parse_weights(bad, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Saved runs
+# --------------------------------------------------------------------------------------------------
+def copy_run(run, dest):
+    shutil.copytree(run, dest)
+    return dest
+
+
+def table_rows(output):
+    """{row name: (val loss, test acc, test macro F1)} of vote.py's table."""
+    rows = {}
+    for line in output.splitlines():
+        parts = line.rsplit(None, 3)
+        if len(parts) == 4 and re.fullmatch(r"[\d.]+", parts[-1]):
+            name = re.sub(r"\s+\d\.\d{3}$", "", parts[0]).strip()  # drop the weight column
+            rows[name] = tuple(float(x) for x in parts[1:])
+    return rows
+
+
+def test_vote_scores_members_and_ensemble_on_the_saved_rows(tiny_lstm_run, tmp_path, capsys):
+    """A second member that knows the labels (probabilities mixed with one-hot truth): the table's
+    figures are those of the saved probabilities, scored against the right rows."""
+    splits = common.load_ag_news(AGNEWS_DIR, train_size=1000, test_size=200, val_size=200)
+    lstm = copy_run(tiny_lstm_run, tmp_path / "lstm")
+    knows = copy_run(tiny_lstm_run, tmp_path / "knows")
+    for split in ("val", "test"):
+        saved = np.load(lstm / f"{split}_probs.npy")
+        mixed = 0.5 * saved + 0.5 * np.eye(4)[splits[split].labels]
+        common.save_npy(knows / f"{split}_probs.npy", mixed.astype(np.float32))
+
+    vote.main(["--runs", str(lstm), str(knows), "--out", str(tmp_path / "vote")])
+    rows = table_rows(capsys.readouterr().out)
+    members = [np.load(r / "test_probs.npy") for r in (lstm, knows)]
+    weights = vote.fit_weights([np.load(r / "val_probs.npy") for r in (lstm, knows)], splits["val"].labels)
+    expected = {"lstm": members[0], "knows": members[1],
+                "ensemble, weights fitted on val": vote.ensemble_probs(members, weights)}
+    for name, probs in expected.items():
+        scores = common.evaluate(probs, splits["test"].labels)
+        assert rows[name][1:] == pytest.approx((scores["accuracy"], scores["macro_f1"]), abs=5e-5), name
+    assert rows["knows"][1] == 1.0 and rows["lstm"][1] < 0.9
+    assert weights[1] > 0.9                                  # validation prefers the member that knows
+
+    saved = json.loads((tmp_path / "vote" / "vote.json").read_text())
+    assert saved["weights"] == pytest.approx(weights.tolist()) and not (tmp_path / "vote" / "metrics.json").exists()
+    np.testing.assert_allclose(np.load(tmp_path / "vote" / "test_probs.npy"),
+                               expected["ensemble, weights fitted on val"], atol=1e-6)
+
+
+def test_a_run_voting_with_itself_scores_as_itself(tiny_lstm_run, tmp_path, capsys):
+    vote.main(["--runs", str(tiny_lstm_run), str(copy_run(tiny_lstm_run, tmp_path / "twin"))])
+    rows = table_rows(capsys.readouterr().out)
+    assert rows["ensemble, weights fitted on val"] == pytest.approx(rows["bilstm_attn"], abs=1e-4)
+    assert rows["ensemble, equal weights"] == pytest.approx(rows["twin"], abs=1e-4)
+
+
+@pytest.mark.parametrize("change", ["fingerprint", "rows"])
+def test_runs_scored_on_other_rows_are_refused(tiny_lstm_run, tmp_path, change):
+    other = copy_run(tiny_lstm_run, tmp_path / "other")
+    metrics = json.loads((other / "metrics.json").read_text())
+    if change == "fingerprint":
+        metrics["fingerprints"]["test"] = "0" * 16
+    else:
+        metrics["rows"]["val"] = 199
+    common.save_json(other / "metrics.json", metrics)
+    with pytest.raises(common.UserError, match="scored on different rows") as err:
+        vote.main(["--runs", str(tiny_lstm_run), str(other)])
+    assert str(tiny_lstm_run) in str(err.value) and str(other) in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Your own texts
+# --------------------------------------------------------------------------------------------------
+TEXTS = ["Nadal beats Federer to win the French Open final in Paris",
+         "Oil prices climb as OPEC agrees to cut output; stocks slide on Wall Street",
+         "Microsoft releases a new version of Windows with better security"]
+
+
+def test_texts_table_is_stable_and_adds_up(tiny_lstm_run, tmp_path):
+    twin = copy_run(tiny_lstm_run, tmp_path / "twin")
+    cmd = [sys.executable, str(ROOT / "vote.py"), "--runs", str(tiny_lstm_run), str(twin), "--device", "cpu"]
+    for text in TEXTS:
+        cmd += ["--text", text]
+    outputs = [subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT) for _ in range(2)]
+    assert outputs[0].returncode == 0, outputs[0].stderr
+    assert outputs[0].stdout == outputs[1].stdout
+
+    [probs] = vote.classify([tiny_lstm_run], TEXTS, common.Runtime(torch.device("cpu")))
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    cell = r"(World|Sports|Business|Sci/Tech) (\d\.\d{3})"
+    lines = [line for line in outputs[0].stdout.splitlines() if re.match(r"\s+\d+\s", line)]
+    assert len(lines) == len(TEXTS)
+    for line, p in zip(lines, probs):
+        cells = re.findall(cell, line)
+        assert len(cells) == 3                                      # two members and the ensemble
+        assert cells[0] == cells[1] == cells[2]                     # a model with itself is that model
+        assert cells[0] == (common.CLASS_NAMES[p.argmax()], f"{p.max():.3f}")
+
+
+def test_labelled_file_counts_hits(tiny_lstm_run, tmp_path, capsys):
+    cases = tmp_path / "cases.csv"
+    cases.write_text("label,text\n"
+                     f"2,{TEXTS[0]}\n"
+                     "\n"
+                     f'Business,"{TEXTS[1]}"\n'
+                     f"sci/tech,{TEXTS[2]}\n")
+    vote.main(["--runs", str(tiny_lstm_run), "--file", str(cases), "--weights", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    [probs] = vote.classify([tiny_lstm_run], TEXTS, common.Runtime(torch.device("cpu")))
+    hits = int((probs.argmax(1) == np.array([1, 2, 3])).sum())
+    assert re.search(rf"^hits\s+{hits}/3\s+{hits}/3$", out, re.MULTILINE), out
+
+
+def test_case_files_are_read_or_refused_with_file_and_line(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("Stocks fall, again\n\n  Nadal wins  \n")
+    assert vote.read_cases(plain) == [(None, "Stocks fall, again"), (None, "Nadal wins")]
+
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text('1,"Rebels, army clash"\nsports,Nadal wins, again\n')
+    assert vote.read_cases(labelled) == [(0, "Rebels, army clash"), (1, "Nadal wins, again")]
+
+    for content, line in [("1,ok\n5,bad label\n", 2), ("label,text\n3,fine\n\nWorld,\n", 4),
+                          ("2,ok\njust a text\n", 2)]:
+        bad = tmp_path / "bad.csv"
+        bad.write_text(content)
+        with pytest.raises(common.UserError, match=rf"bad\.csv:{line}: "):
+            vote.read_cases(bad)
+    bad.write_bytes(b"fine\nnot \xff utf-8\n")
+    with pytest.raises(common.UserError, match=r"bad\.csv:2: bytes that are not UTF-8"):
+        vote.read_cases(bad)

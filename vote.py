@@ -1,0 +1,312 @@
+"""Weighted soft voting of saved runs, and the models' verdicts on texts of your own.
+
+    python vote.py                                         # every finished run under runs/
+    python vote.py --runs runs/bert_pooler runs/bilstm_attn --weights 0.7,0.3
+    python vote.py --text "Oil climbs as OPEC cuts output" --text "Nadal wins in Paris"
+    python vote.py --file cases.txt                        # one text a line, or label,text rows
+
+Soft voting averages the members' probabilities, p(y|x) = sum_k w_k p_k(y|x), and predicts the
+most probable class. The weights are fitted on the validation split only: fitted on test, they
+would flatter the ensemble's test score. They are the mixture weights under which the validation
+labels are most likely (lowest validation log-loss), found by EM (see fit_weights).
+
+Members must have been scored on the same rows: vote.py reads each run's val_probs.npy and
+test_probs.npy row by row, and refuses runs whose metrics.json names other rows (fingerprints).
+"""
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+
+import common
+
+COLUMN = 16  # least width of one model's column in the texts table: "Business 0.973*"
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------------
+def fit_weights(val_probs_list, val_labels, tol=1e-12, max_iter=20_000):
+    """Weights w (K,), w >= 0, sum 1, that minimise the validation log-loss of sum_k w_k p_k.
+
+    This is the maximum-likelihood fit of the weights of a mixture whose components are fixed, and
+    EM solves it in two lines: each row credits member k with its share of the mixture's probability
+    of the true label, w_k p_k(y_i) / sum_j w_j p_j(y_i); the new w_k is member k's average share.
+    The log-loss is convex in w and every step lowers it; the weights stay on the simplex."""
+    rows = np.arange(len(val_labels))
+    # (N, K): each member's probability of the true label, clipped like common.evaluate's log-loss
+    likelihoods = np.clip(np.stack([p[rows, val_labels] for p in val_probs_list], axis=1).astype(np.float64),
+                          1e-12, None)
+    weights = np.full(likelihoods.shape[1], 1.0 / likelihoods.shape[1])
+    for _ in range(max_iter):
+        shares = likelihoods * weights / (likelihoods @ weights)[:, None]   # (N, K), rows sum to 1
+        new = shares.mean(axis=0)
+        converged = np.abs(new - weights).max() < tol
+        weights = new
+        if converged:
+            break
+    return weights
+
+
+def ensemble_probs(probs_list, weights):
+    """sum_k w_k p_k: (N, 4) from K arrays of (N, 4)."""
+    return np.tensordot(np.asarray(weights, dtype=np.float64), np.stack(probs_list), axes=1)
+
+
+def parse_weights(text, n_runs):
+    try:
+        weights = np.array([float(w) for w in text.split(",")])
+    except ValueError:
+        raise common.UserError(f"--weights {text!r}: expected numbers separated by commas, like 0.6,0.4") from None
+    if len(weights) != n_runs:
+        raise common.UserError(f"--weights {text!r}: {len(weights)} weights for {n_runs} runs")
+    if (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
+        raise common.UserError(f"--weights {text!r}: weights must be finite, non-negative and not all 0")
+    return weights / weights.sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs and their saved probabilities
+# --------------------------------------------------------------------------------------------------
+def find_members(args):
+    runs = [Path(r) for r in args.runs] if args.runs else common.find_runs(args.root)
+    if not runs:
+        raise common.UserError(f"no finished runs under {args.root}/ (train one first, or pass --runs)")
+    for run in runs:
+        if not (run / "metrics.json").exists():
+            raise common.UserError(f"{run}: no metrics.json (not a finished run folder)")
+    return runs
+
+
+def display_names(runs):
+    """Folder names, or whole paths where two runs share a folder name."""
+    names = [run.name for run in runs]
+    return names if len(set(names)) == len(names) else [str(run) for run in runs]
+
+
+def check_same_rows(runs):
+    """All members must have been scored on the same val and test rows, in the same order."""
+    def rows_of(run):
+        metrics = common.load_json(run / "metrics.json")
+        try:
+            return tuple((split, metrics["rows"][split], metrics["fingerprints"][split]) for split in ("val", "test"))
+        except KeyError as err:
+            raise common.UserError(f"{run}/metrics.json: no rows or fingerprints for {err}") from None
+    seen = {run: rows_of(run) for run in runs}
+    if len(set(seen.values())) > 1:
+        described = "; ".join(f"{run} (" + ", ".join(f"{split} {n} rows {fp}" for split, n, fp in rows) + ")"
+                              for run, rows in seen.items())
+        raise common.UserError(f"runs were scored on different rows, so their probabilities cannot be averaged "
+                               f"row by row: {described}. Train them with the same data, --val-size and --test-size")
+
+
+def load_probs(run, split, rows):
+    path = run / f"{split}_probs.npy"
+    try:
+        probs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise common.UserError(f"{path}: cannot read ({err})") from None
+    if probs.shape != (rows, common.NUM_CLASSES):
+        raise common.UserError(f"{path}: shape {probs.shape}, expected ({rows}, {common.NUM_CLASSES}) "
+                               f"as in metrics.json")
+    return probs
+
+
+def load_labels(runs, data_dir):
+    """val and test labels, from the data the runs were trained on (the first run's data flags);
+    the rows must hash to the fingerprints the runs saved."""
+    run_args = common.load_json(runs[0] / "config.json")["args"]
+    splits = common.load_ag_news(data_dir or run_args["data"], run_args["train_size"], run_args["test_size"],
+                                 run_args["val_size"])
+    saved = common.load_json(runs[0] / "metrics.json")["fingerprints"]
+    for split in ("val", "test"):
+        if splits[split].fingerprint() != saved[split]:
+            raise common.UserError(f"the data found now gives other {split} rows than {runs[0]} was scored on "
+                                   f"(fingerprint {splits[split].fingerprint()} != {saved[split]}): pass --data "
+                                   f"with the folder it was trained on")
+    return splits["val"].labels, splits["test"].labels
+
+
+def load_saved(runs, data_dir):
+    """The members' saved probabilities on val and test, and the labels of those rows."""
+    check_same_rows(runs)
+    rows = common.load_json(runs[0] / "metrics.json")["rows"]
+    val_probs = [load_probs(run, "val", rows["val"]) for run in runs]
+    test_probs = [load_probs(run, "test", rows["test"]) for run in runs]
+    return (val_probs, test_probs, *load_labels(runs, data_dir))
+
+
+def choose_weights(args, runs, saved=None):
+    """--weights as given, else fitted on the validation split. Returns (weights, where from)."""
+    if args.weights:
+        return parse_weights(args.weights, len(runs)), "--weights"
+    val_probs, _, val_labels, _ = saved or load_saved(runs, args.data)
+    return fit_weights(val_probs, val_labels), "fitted on val"
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring the saved probabilities
+# --------------------------------------------------------------------------------------------------
+def vote_on_test(args, runs):
+    saved = load_saved(runs, args.data)
+    val_probs, test_probs, val_labels, test_labels = saved
+    weights, how = choose_weights(args, runs, saved)
+
+    equal = np.full(len(runs), 1.0 / len(runs))
+    ensemble_val, ensemble_test = ensemble_probs(val_probs, weights), ensemble_probs(test_probs, weights)
+    entries = [(name, w, v, t) for name, w, v, t in zip(display_names(runs), weights, val_probs, test_probs)]
+    entries.append(("ensemble, equal weights", None, ensemble_probs(val_probs, equal),
+                    ensemble_probs(test_probs, equal)))
+    entries.append((f"ensemble, weights {how}", None, ensemble_val, ensemble_test))
+
+    name_width = max(len(e[0]) for e in entries)
+    print(f"\n{'':{name_width}}  weight  val loss  test acc  test macro F1   "
+          f"(test: {len(test_labels)} rows of the official test set)")
+    for name, weight, val, test in entries:
+        scores = common.evaluate(test, test_labels)
+        weight_text = f"{weight:6.3f}" if weight is not None else ""
+        print(f"{name:{name_width}}  {weight_text:>6}  {common.evaluate(val, val_labels)['loss']:8.4f}  "
+              f"{scores['accuracy']:8.4f}  {scores['macro_f1']:13.4f}")
+    if args.out:
+        save_ensemble(args.out, runs, weights, how, ensemble_val, ensemble_test, test_labels)
+
+
+def save_ensemble(out, runs, weights, how, val_probs, test_probs, test_labels):
+    """The ensemble's probabilities, as a run folder has them, and what made it. No metrics.json, so
+    find_runs does not take the ensemble for a member of the next vote."""
+    out = Path(out)
+    common.save_npy(out / "val_probs.npy", val_probs.astype(np.float32))
+    common.save_npy(out / "test_probs.npy", test_probs.astype(np.float32))
+    common.save_json(out / "vote.json", {"runs": [str(r) for r in runs], "weights": weights.tolist(),
+                                         "weights_from": how, "test": common.evaluate(test_probs, test_labels)})
+    print(f"saved {out}/")
+
+
+# --------------------------------------------------------------------------------------------------
+# Your own texts
+# --------------------------------------------------------------------------------------------------
+def parse_label(field):
+    """'1'..'4' as in AG News, or a class name (any case) -> 0..3; None if it is neither."""
+    field = field.strip()
+    if field in {"1", "2", "3", "4"}:
+        return int(field) - 1
+    names = [name.lower() for name in common.CLASS_NAMES]
+    return names.index(field.lower()) if field.lower() in names else None
+
+
+def read_cases(path):
+    """--file: one text a line, or CSV rows `label,text` (label 1..4 or a class name); the first
+    line decides which, and a header line `label,text` is skipped. Blank lines are skipped.
+    Returns [(label or None, text)]."""
+    path = Path(path)
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except OSError as err:
+        raise common.UserError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise common.UserError(f"{path}:{line}: bytes that are not UTF-8") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
+        raise common.UserError(f"{path}: no texts")
+    first = [f.strip().lower() for f in next(csv.reader([numbered[0][1]]))]
+    header = first == ["label", "text"]
+    labelled = header or (len(first) >= 2 and parse_label(first[0]) is not None)
+    if header:
+        numbered = numbered[1:]
+
+    cases = []
+    for n, line in numbered:
+        label, text = None, line
+        if labelled:
+            try:
+                fields = next(csv.reader([line], strict=True))
+            except csv.Error as err:
+                raise common.UserError(f"{path}:{n}: malformed CSV ({err})") from None
+            label = parse_label(fields[0]) if len(fields) >= 2 else None
+            if label is None:
+                raise common.UserError(f"{path}:{n}: expected label,text with label 1..4 or one of "
+                                       f"{', '.join(common.CLASS_NAMES)}, found {line[:60]!r}")
+            text = ",".join(fields[1:])  # an unquoted text with commas arrives in pieces
+        text = common.clean_text(text)
+        if not text:
+            raise common.UserError(f"{path}:{n}: empty text")
+        cases.append((label, text))
+    return cases
+
+
+def classify(runs, texts, runtime):
+    """Each member's probabilities (N, 4) for the texts, through the member's own tokenizer."""
+    probs = []
+    for run in runs:
+        model, tokenizer, config = common.load_run(run, runtime.device)
+        ids = common.encode(tokenizer, texts, config["args"]["max_len"])
+        for i, row in enumerate(ids):
+            if len(row) == 0:
+                raise common.UserError(f"text {i + 1} ({texts[i][:40]!r}) has no tokens in the vocabulary of {run}")
+        probs.append(common.predict(model, common.Encoded(ids, np.zeros(len(ids), dtype=np.int64)), runtime))
+    return probs
+
+
+def verdict(probs, label):
+    """'Sports 0.973', with a trailing * where it differs from the given label."""
+    top = int(probs.argmax())
+    miss = "*" if label is not None and top != label else ""
+    return f"{common.CLASS_NAMES[top]} {probs[top]:.3f}{miss}"
+
+
+def vote_on_texts(args, runs):
+    cases = [(None, common.clean_text(t)) for t in args.text or []]
+    if any(not text for _, text in cases):
+        raise common.UserError("--text: empty text")
+    if args.file:
+        cases += read_cases(args.file)
+    labels = [label for label, _ in cases]
+    texts = [text for _, text in cases]
+
+    weights, how = choose_weights(args, runs)
+    runtime = common.setup_runtime(args.device)
+    member_probs = classify(runs, texts, runtime)
+    ensemble = ensemble_probs(member_probs, weights)
+
+    names = display_names(runs) + ["ensemble"]
+    width = max(COLUMN, *(len(n) for n in names))
+    print("weights (" + how + "): " + ", ".join(f"{name} {w:.3f}" for name, w in zip(names, weights)))
+    print(f"\n{'#':>3}  {'text':40}  {'label':8}  " + "  ".join(f"{n:{width}}" for n in names).rstrip())
+    for i, (label, text) in enumerate(cases):
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        gold = common.CLASS_NAMES[label] if label is not None else ""
+        cells = [verdict(p[i], label) for p in member_probs] + [verdict(ensemble[i], label)]
+        print(f"{i + 1:>3}  {shown:40}  {gold:8}  " + "  ".join(f"{c:{width}}" for c in cells).rstrip())
+    labelled = [i for i, label in enumerate(labels) if label is not None]
+    if labelled:
+        gold = np.array([labels[i] for i in labelled])
+        hits = [int((p[labelled].argmax(1) == gold).sum()) for p in member_probs + [ensemble]]
+        counts = [f"{h}/{len(labelled)}" for h in hits]
+        print(f"\n{'hits':>3}  {'':40}  {'':8}  " + "  ".join(f"{c:{width}}" for c in counts).rstrip())
+        print("* = differs from the given label")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", help="run folders (default: every finished run under --root)")
+    parser.add_argument("--root", default="runs", help="where to look for runs when --runs is not given")
+    parser.add_argument("--weights", help="weights by hand, one per run in order, e.g. 0.6,0.4 (normalised to sum 1)")
+    parser.add_argument("--data", help="AG News folder for the labels (default: the one the first run used)")
+    parser.add_argument("--text", action="append", help="classify this text (repeatable)")
+    parser.add_argument("--file", help="classify the texts in this file: one a line, or label,text rows")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", help="with the test vote: also save the ensemble's val/test probabilities "
+                                      "and weights here")
+    args = parser.parse_args(argv)
+
+    runs = find_members(args)
+    if args.text or args.file:
+        vote_on_texts(args, runs)
+    else:
+        vote_on_test(args, runs)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
