@@ -42,7 +42,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 step "kernel: attn_pool bench" 200 python3 bench/bench_attn_pool.py
 step "step: ours vs transformers" 60 python3 bench/bench_bert_step.py --device cuda --amp --model "$MODEL" --steps 20 --rows 4000
 step "memory: LoRA vs full (bert-base)" 60 python3 bench/bench_lora.py --device cuda --random-init bert-base
-step "memory: LoRA vs full (minilm)" 40 python3 bench/bench_lora.py --device cuda --model "$MODEL"
+step "memory: LoRA vs full (minilm)" 40 python3 bench/bench_lora.py --device cuda --random-init minilm
 
 COMMON=(--model "$MODEL" --device cuda)
 step "train_bert pooler" 90 python3 train_bert.py "${COMMON[@]}" --head pooler --out "$RUNS/bert_pooler"

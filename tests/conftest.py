@@ -1,10 +1,16 @@
 """Fixtures shared by several test files."""
 import contextlib
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# Tests run on CPU, where the Triton kernels run under the interpreter. Triton reads this when a
+# kernel is defined, so it must be set before any test module imports kernels/ (some do through
+# common.py's attnpool head), whatever order the files run in.
+os.environ["TRITON_INTERPRET"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
 

@@ -1,12 +1,9 @@
 """Tests of kernels/attn_pool.py: the Triton kernels against the torch reference, the reference
 against finite differences, and the penalised-word loader. CPU only: the kernels run under the
-Triton interpreter, so shapes stay small. Every test draws fresh random inputs; the seed is in the
+Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay small. Every test draws fresh random inputs; the seed is in the
 failure message."""
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU
-
 import importlib.util
+import os
 import json
 import subprocess
 import sys
