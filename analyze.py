@@ -19,9 +19,8 @@ the most confidence (--errors), which tokens pushed it there (--attribution), an
 converge (--curves).
 """
 import argparse
-import json
 import textwrap
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import matplotlib
@@ -75,21 +74,22 @@ def newest_run(root="runs"):
     return runs[-1]
 
 
-def load_test_split(run_dir, config, metrics, data_dir=None):
-    """The test rows the run was scored on: the data settings it was trained with (config["args"]),
-    checked against the fingerprint in metrics.json, so probabilities and labels line up row by row."""
+def load_split(run_dir, config, metrics, name, data_dir=None):
+    """The val or test rows the run was scored on: the data settings it was trained with
+    (config["args"]), checked against the fingerprint in metrics.json, so probabilities and labels
+    line up row by row."""
     args = config.get("args", {})
     splits = common.load_ag_news(data_dir or args.get("data"), args.get("train_size"),
                                  args.get("test_size"), args.get("val_size"))
-    test = splits["test"]
-    expected = metrics.get("fingerprints", {}).get("test")
+    split = splits[name]
+    expected = metrics.get("fingerprints", {}).get(name)
     if expected is None:
-        raise common.UserError(f"{run_dir}/metrics.json: no fingerprints.test, so its test rows cannot be checked")
-    if test.fingerprint() != expected:
+        raise common.UserError(f"{run_dir}/metrics.json: no fingerprints.{name}, so its {name} rows cannot be checked")
+    if split.fingerprint() != expected:
         raise common.UserError(
-            f"{run_dir}: the test split loaded now (fingerprint {test.fingerprint()}, {len(test)} rows) is not "
+            f"{run_dir}: the {name} split loaded now (fingerprint {split.fingerprint()}, {len(split)} rows) is not "
             f"the one the run was scored on ({expected}); pass --data with the AG News folder it was trained on")
-    return test
+    return split
 
 
 class SavedRun:
@@ -105,21 +105,30 @@ class SavedRun:
         self.data_dir = data_dir
         self.device = device
 
-    @cached_property
-    def test(self):
-        return load_test_split(self.dir, self.config, self.metrics, self.data_dir)
+    @cache
+    def split(self, name):
+        return load_split(self.dir, self.config, self.metrics, name, self.data_dir)
 
-    @cached_property
-    def probs(self):
-        """(N, 4) float32, rows in test-split order."""
-        path = self.dir / "test_probs.npy"
+    @cache
+    def probs_of(self, name):
+        """(N, 4) float32, rows in the order of the val or test split."""
+        path = self.dir / f"{name}_probs.npy"
         try:
             probs = np.load(path)
         except (OSError, ValueError) as err:
             raise common.UserError(f"{path}: cannot read ({err})") from None
-        if probs.shape != (len(self.test), common.NUM_CLASSES):
-            raise common.UserError(f"{path}: shape {probs.shape}, expected ({len(self.test)}, {common.NUM_CLASSES})")
+        expected = (len(self.split(name)), common.NUM_CLASSES)
+        if probs.shape != expected:
+            raise common.UserError(f"{path}: shape {probs.shape}, expected {expected}")
         return probs
+
+    @property
+    def test(self):
+        return self.split("test")
+
+    @property
+    def probs(self):
+        return self.probs_of("test")
 
     @property
     def preds(self):
@@ -328,13 +337,17 @@ def plot_words(ranked, counts, path):
     return save_figure(fig, path)
 
 
-def show_tfidf(run, out_dir, pairs, top_k, json_path=None):
+def show_tfidf(run, out_dir, pairs, top_k, json_path=None, split="val"):
     """Prints the words of every confused direction; writes the penalty list (Business<->Sci/Tech, or
-    every confused direction with pairs="all") and its bar chart. Returns (word lists, JSON path)."""
-    counts = confusion_matrix(run.test.labels, run.preds, labels=range(common.NUM_CLASSES))
+    every confused direction with pairs="all") and its bar chart. Returns (word lists, JSON path).
+    The words come from the validation errors by default: a list mined from the test errors would
+    flatter the penalised model's score on that same test set."""
+    rows, preds = run.split(split), run.probs_of(split).argmax(1)
+    counts = confusion_matrix(rows.labels, preds, labels=range(common.NUM_CLASSES))
     tokenizer = penalty_tokenizer(run.config)
     directions = confused_directions(counts)
-    ranked = top_words(run.test.texts, run.test.labels, run.preds, directions, top_k,
+    print(f"\nconfusions of the {split} split ({len(rows)} rows)")
+    ranked = top_words(rows.texts, rows.labels, preds, directions, top_k,
                        keep=lambda word: is_single_piece(tokenizer, word))
     print(f"\ntop {top_k} words of each confusion (mean TF-IDF over the texts misclassified that way, "
           f"minus over those of the true class classified right; whole words of the tokenizer only):")
@@ -608,6 +621,8 @@ def build_parser():
     parser.add_argument("--tsne", action="store_true", help="t-SNE map of the sentence vectors")
     parser.add_argument("--sample", type=int, default=2000, help="test rows in the PCA/t-SNE maps (stratified)")
     parser.add_argument("--tfidf", action="store_true", help="top words of each confusion; writes the penalty list")
+    parser.add_argument("--split", default="val", choices=["val", "test"],
+                        help="--tfidf: whose errors to mine (default val: the penalty list is then fair to test)")
     parser.add_argument("--pairs", default="business-scitech", choices=["business-scitech", "all"],
                         help="directions written to the penalty list")
     parser.add_argument("--top-k", type=int, default=15, help="words per direction")
@@ -642,7 +657,7 @@ def main(argv=None):
     if args.pca or args.tsne:
         show_maps(run, out_dir, [m for m in ("pca", "tsne") if getattr(args, m)], args.sample, args.seed)
     if args.tfidf:
-        show_tfidf(run, out_dir, args.pairs, args.top_k, args.penalty_json)
+        show_tfidf(run, out_dir, args.pairs, args.top_k, args.penalty_json, args.split)
     if args.errors:
         show_errors(run, args.top)
     if args.attribution:

@@ -20,6 +20,7 @@ import hashlib
 import html
 import importlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 from sklearn.model_selection import train_test_split
@@ -50,6 +51,7 @@ CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]  # AG News labels 1..4
 NUM_CLASSES = len(CLASS_NAMES)
 DATA_SEED = 42  # validation slice and --train-size subsample: the same rows for every run, so runs can vote
 VAL_FRACTION = 0.1
+RESUME_FILE = "resume.safetensors"  # in a run folder while a run is unfinished
 
 AGNEWS_URL = "https://s3.amazonaws.com/fast-ai-nlp/ag_news_csv.tgz"  # the release, as mirrored by fast.ai
 AGNEWS_TEST_MD5 = "d52ea96a97a2d943681189a97654912d"  # official test.csv (7,600 rows)
@@ -109,9 +111,13 @@ def save_weights(path, tensors, metadata=None):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_weights(path):
+def load_weights(path, with_metadata=False):
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        if with_metadata:
+            with safe_open(str(path), "pt") as f:
+                return tensors, f.metadata() or {}
+        return tensors
     except (OSError, SafetensorError) as err:
         raise UserError(f"{path}: not a readable safetensors file ({err})") from None
 
@@ -220,7 +226,7 @@ def load_csv(path):
         line = raw[: err.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: bytes that are not UTF-8 ({err.reason})") from None
     texts, labels = [], []
-    reader = csv.reader(content.splitlines(keepends=True), strict=True)
+    reader = csv.reader(io.StringIO(content, newline=""), strict=True)  # line ends as csv expects them
     try:
         for row in reader:
             line = reader.line_num
@@ -298,6 +304,8 @@ def stratified_subset(split, size, seed):
     """`size` rows of `split` with its class proportions (sklearn's stratified split)."""
     if size is None or size >= len(split):
         return split
+    if size < NUM_CLASSES:
+        raise UserError(f"a stratified sample needs at least {NUM_CLASSES} rows (one per class), got {size}")
     keep, _ = train_test_split(np.arange(len(split)), train_size=size, stratify=split.labels,
                                random_state=seed)
     return split.subset(np.sort(keep))  # keep file order
@@ -347,9 +355,10 @@ def encode(tokenizer, texts, max_len):
     return rows
 
 
-def pad_batch(rows, pad_id=0):
-    """List of 1-D id arrays -> input_ids (B, T) and attention_mask (B, T), T = longest row."""
-    longest = max(len(r) for r in rows)
+def pad_batch(rows, pad_id=0, length=None):
+    """List of 1-D id arrays -> input_ids (B, T) and attention_mask (B, T); T = the longest row, or
+    `length` when given (padding every row to --max-len, for comparison)."""
+    longest = length or max(len(r) for r in rows)
     input_ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
     for i, r in enumerate(rows):
         input_ids[i, : len(r)] = r
@@ -373,7 +382,10 @@ def make_batches(lengths, batch_size, shuffle, seed=0, bucket=True, rank=0, worl
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
-    per_rank = len(batches) // world_size if world_size > 1 else len(batches)
+    per_rank = len(batches) // world_size
+    if per_rank == 0:
+        raise UserError(f"{len(lengths)} rows make {len(batches)} batches of {batch_size}: fewer than the "
+                        f"{world_size} processes; use a smaller --batch-size or more rows")
     return batches[rank::world_size][:per_rank]
 
 
@@ -638,7 +650,9 @@ class TextCNNHead(nn.Module):
         self.out_dim = n_filters * len(widths)
 
     def forward(self, hidden, mask, input_ids):
-        x = hidden.transpose(1, 2)                                # (B, D, T): Conv1d wants channels first
+        # Zero the padded positions first: a window that overhangs a row's end must see the same
+        # zeros whether the batch pads that row or not, or a prediction would depend on its batch.
+        x = (hidden * mask[..., None]).transpose(1, 2)            # (B, D, T): Conv1d wants channels first
         pooled = []
         for conv in self.convs:
             c = F.relu(conv(x))[:, :, : hidden.shape[1]]          # (B, F, T); even widths yield T+1
@@ -732,40 +746,69 @@ def add_bert_args(parser):
     parser.add_argument("--penalty", type=float, default=2.0, help="attnpool: score penalty of listed words")
 
 
-def build_bert_classifier(config, pretrained=True):
+PENALTY_WORDS_FILE = "penalty_words.json"  # a copy in the run folder, so an attnpool run reloads on its own
+
+
+def build_bert_classifier(config, pretrained=True, run_dir=None):
     """BertClassifier from a run's config (model, head, dropout, penalty_words, penalty); the encoder
     starts from the pretrained weights, or random ones when a saved run will overwrite them anyway.
-    Returns (model, tokenizer)."""
+    With run_dir, a saved run's own copy of the penalty word list is used. Returns (model, tokenizer)."""
     model_dir = resolve_model(config["model"])
     tokenizer = load_tokenizer(model_dir)
+    positions = BertConfig.from_json(model_dir / "config.json").max_position_embeddings
+    if config.get("max_len", 0) > positions:
+        raise UserError(f"--max-len {config['max_len']}: {config['model']} has {positions} positions")
     if pretrained:
         bert = BertModel.from_pretrained(model_dir)
     else:
         bert = BertModel(BertConfig.from_json(model_dir / "config.json"))
+    penalty_words = config.get("penalty_words")
+    if run_dir is not None and (Path(run_dir) / PENALTY_WORDS_FILE).exists():
+        penalty_words = Path(run_dir) / PENALTY_WORDS_FILE
     head_kwargs = {}
-    if config["head"] == "attnpool" and config.get("penalty_words"):
+    if penalty_words:
+        if config["head"] != "attnpool":
+            raise UserError(f"--penalty-words goes with --head attnpool, not --head {config['head']}")
         from kernels.attn_pool import load_penalty_table
         try:
-            table = load_penalty_table(config["penalty_words"], tokenizer, bert.config.vocab_size)
+            table = load_penalty_table(penalty_words, tokenizer, bert.config.vocab_size)
         except ValueError as err:
             raise UserError(str(err)) from None
         head_kwargs = {"penalty": config["penalty"], "penalty_table": table}
     return BertClassifier(bert, config["head"], config["dropout"], **head_kwargs), tokenizer
 
 
+def keep_penalty_words(config, run_dir):
+    """Copy the word list the run trains with into its folder (after build_bert_classifier checked it)."""
+    if config.get("penalty_words"):
+        atomic_write(Path(run_dir) / PENALTY_WORDS_FILE,
+                     lambda tmp: Path(tmp).write_bytes(Path(config["penalty_words"]).read_bytes()))
+
+
 # --------------------------------------------------------------------------------------------------
 # 8. Training loop
 # --------------------------------------------------------------------------------------------------
+def positive_int(text):
+    """argparse type: a whole number >= 1, so --batch-size 0 is one clear line, not a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def add_common_args(parser, lr, epochs, batch_size=32):
     """The flags every training script shares; defaults for lr/epochs/batch are the script's own."""
     parser.add_argument("--data", help="AG News folder (train.csv, test.csv); default $AGNEWS_DIR or data/ag_news")
-    parser.add_argument("--train-size", type=int, help="stratified subsample of the training rows")
-    parser.add_argument("--val-size", type=int, help="stratified subsample of the validation slice (smoke runs only)")
-    parser.add_argument("--test-size", type=int, help="stratified subsample of the official test set (smoke runs only)")
-    parser.add_argument("--max-len", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--grad-accum", type=int, default=1, help="optimizer step every N batches")
+    parser.add_argument("--train-size", type=positive_int, help="stratified subsample of the training rows")
+    parser.add_argument("--val-size", type=positive_int, help="stratified subsample of the validation slice (smoke runs only)")
+    parser.add_argument("--test-size", type=positive_int, help="stratified subsample of the official test set (smoke runs only)")
+    parser.add_argument("--max-len", type=positive_int, default=128)
+    parser.add_argument("--epochs", type=positive_int, default=epochs)
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
+    parser.add_argument("--grad-accum", type=positive_int, default=1, help="optimizer step every N batches")
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear warm-up")
@@ -798,13 +841,8 @@ def warmup_linear_decay(optimizer, total_steps, warmup_fraction):
 
 
 def to_device(rows, pad_to, device):
-    """Batch of id arrays -> (input_ids, attention_mask) on device."""
-    if pad_to:
-        rows = list(rows) + [np.zeros(pad_to, dtype=np.int64)]  # a dummy row of full length sets T
-        input_ids, mask = pad_batch(rows)
-        input_ids, mask = input_ids[:-1], mask[:-1]
-    else:
-        input_ids, mask = pad_batch(rows)
+    """Batch of id arrays -> (input_ids, attention_mask) on device; pad_to=0 pads to the longest row."""
+    input_ids, mask = pad_batch(rows, length=pad_to or None)
     return input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
@@ -868,7 +906,8 @@ def load_optimizer_tensors(optimizer, flat):
 def train(model, data, args, runtime, run_dir, weights_name="model.safetensors", trainable_only=False):
     """The loop every script shares. `data` maps train/val to Encoded splits. Each epoch ends with a
     validation pass; the best epoch's weights (by val macro F1) go to run_dir/weights_name, and a
-    resume point (weights + AdamW + scheduler + history) to run_dir/resume.safetensors.
+    resume point (weights + AdamW state, with scheduler, history and flags in its metadata) to
+    run_dir/resume.safetensors.
     Randomness is drawn from (seed, epoch), so a resumed run repeats exactly what the whole run does.
     Returns the per-epoch history."""
     run_dir = Path(run_dir)
@@ -887,12 +926,19 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     history, start_epoch, best_f1 = [], 0, -1.0
-    resume_path = run_dir / "resume.safetensors"
+    resume_path = run_dir / RESUME_FILE
+    # What must not change between a run and its resumption; --device and --resume may.
+    run_args = {k: v for k, v in sorted(vars(args).items()) if k not in ("device", "resume", "out")}
     if args.resume and resume_path.exists():
-        saved = load_weights(resume_path)
-        model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")}, strict=not trainable_only)
+        saved, metadata = load_weights(resume_path, with_metadata=True)
+        progress = json.loads(metadata["progress"])
+        changed = {k: (progress["args"].get(k), v) for k, v in run_args.items() if progress["args"].get(k) != v}
+        if changed:
+            raise UserError(f"{resume_path}: the run was started with other flags "
+                            f"({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())})")
+        model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")},
+                              strict=not trainable_only)
         load_optimizer_tensors(optimizer, {k[4:]: v for k, v in saved.items() if k.startswith("opt.")})
-        progress = load_json(run_dir / "resume.json")
         scheduler.load_state_dict(progress["scheduler"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr  # the scheduler restores its step count, not the optimizer's current lr
@@ -908,7 +954,7 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
         batches = make_batches(train_lengths, args.batch_size, shuffle=True, seed=args.seed * 1000 + epoch,
                                bucket=not args.no_bucket, rank=runtime.rank, world_size=runtime.world_size)
         ddp_model.train()
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         # disable=None: a bar on a terminal, none in a log file (rank 0 only).
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if runtime.is_main else True,
                    leave=False)
@@ -929,11 +975,13 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
                 scheduler.step()
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(-1) == labels).sum().item()
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", samples_s=f"{seen / (time.perf_counter() - t0):.1f}")
         train_time = time.perf_counter() - t0
 
         val = evaluate(predict(model, data["val"], runtime), data["val"].labels)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_time_s": train_time,
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                  "train_time_s": train_time,
                   "train_samples_per_s": seen * runtime.world_size / train_time,
                   **{f"val_{k}": v for k, v in val.items()}}
         history.append(record)
@@ -944,11 +992,15 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
             if val["macro_f1"] > best_f1:
                 best_f1 = val["macro_f1"]
                 save_weights(run_dir / weights_name, weights())
+            # One file holds everything a resumption needs, progress in its metadata: one atomic
+            # write, so a kill can never leave weights of one epoch beside the progress of another.
             resume_state = {f"model.{k}": v for k, v in weights().items()}
             resume_state.update({f"opt.{k}": v for k, v in optimizer_tensors(optimizer).items()})
-            save_weights(resume_path, resume_state)
-            save_json(run_dir / "resume.json", {"epoch": epoch + 1, "best_f1": best_f1, "history": history,
-                                                "scheduler": scheduler.state_dict()})
+            progress = {"epoch": epoch + 1, "best_f1": best_f1, "history": history, "args": run_args,
+                        "scheduler": scheduler.state_dict()}
+            save_weights(resume_path, resume_state, metadata={"progress": json.dumps(progress)})
+        if runtime.world_size > 1:
+            torch.distributed.barrier()  # no rank reads the best weights before rank 0 has written them
     return history
 
 
@@ -979,7 +1031,7 @@ def prepare_run_dir(args, name):
     run_dir = Path(args.out) if args.out else default_run_dir(name)
     if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or --out to choose another folder")
-    if args.resume and (run_dir / "metrics.json").exists() and not (run_dir / "resume.json").exists():
+    if args.resume and (run_dir / "metrics.json").exists() and not (run_dir / RESUME_FILE).exists():
         raise UserError(f"{run_dir} is finished: nothing to resume")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -1000,8 +1052,7 @@ def finish_run(model, data, splits, runtime, run_dir, config, history, weights_n
     """Reload the best epoch, score val and test, print the report, write probabilities and metrics,
     drop the resume point. Every training script ends here."""
     run_dir = Path(run_dir)
-    best = load_weights(run_dir / weights_name)
-    model.load_state_dict(best, strict=not trainable_only)
+    load_checked(model, run_dir / weights_name, trainable_only)
     t0 = time.perf_counter()
     val_probs = predict(model, data["val"], runtime)
     test_probs = predict(model, data["test"], runtime)
@@ -1022,8 +1073,7 @@ def finish_run(model, data, splits, runtime, run_dir, config, history, weights_n
         save_npy(run_dir / "test_probs.npy", test_probs.astype(np.float32))
         save_json(run_dir / "config.json", config)
         save_json(run_dir / "metrics.json", metrics)
-        for name in ("resume.safetensors", "resume.json"):
-            (run_dir / name).unlink(missing_ok=True)
+        (run_dir / RESUME_FILE).unlink(missing_ok=True)
         mem = ", ".join(f"{k} {v:.2f}" for k, v in metrics["memory"].items())
         print(f"test accuracy {test['accuracy']:.4f}  macro F1 {test['macro_f1']:.4f}  | training {train_time:.1f} s "
               f"({metrics['train_samples_per_s']:.1f} samples/s), scoring {score_time:.1f} s, wall {wall:.1f} s | "
@@ -1044,6 +1094,22 @@ def load_run(run_dir, device="cpu"):
         raise UserError(f"{run_dir}/config.json: unknown key script={script!r}")
     model, tokenizer = importlib.import_module(script).load_model(config, run_dir)
     return model.to(device).eval(), tokenizer, config
+
+
+def load_checked(model, path, trainable_only=False):
+    """Load a run's saved weights into `model`, or stop with one line listing every missing,
+    unexpected and mis-shaped key. trainable_only: the file holds only the trained parameters
+    (a LoRA adapter and head); the frozen rest of the model comes from elsewhere."""
+    state = load_weights(path)
+    wanted = trainable_state(model) if trainable_only else model.state_dict()
+    missing = sorted(set(wanted) - set(state))
+    unexpected = sorted(set(state) - set(wanted))
+    misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(wanted[k].shape)}"
+                 for k in state if k in wanted and state[k].shape != wanted[k].shape]
+    if missing or unexpected or misshaped:
+        raise UserError(f"{path} does not fit the model its config.json describes: missing {missing}, "
+                        f"unexpected {unexpected}, mis-shaped {misshaped}")
+    model.load_state_dict(state, strict=not trainable_only)
 
 
 def find_runs(root="runs"):

@@ -9,7 +9,6 @@ features are already good, and a large step would wreck them in the first update
 The pieces (data, encoder, heads, loop) live in common.py; this script wires them together.
 """
 import argparse
-import shutil
 from pathlib import Path
 
 import common
@@ -17,11 +16,8 @@ import common
 
 def load_model(config, run_dir):
     """Rebuild a saved run of this script: random encoder of the right shape, then the saved weights."""
-    run_dir = Path(run_dir)
-    if (run_dir / "penalty_words.json").exists():
-        config = {**config, "penalty_words": run_dir / "penalty_words.json"}
-    model, tokenizer = common.build_bert_classifier(config, pretrained=False)
-    model.load_state_dict(common.load_weights(run_dir / "model.safetensors"))
+    model, tokenizer = common.build_bert_classifier(config, pretrained=False, run_dir=run_dir)
+    common.load_checked(model, Path(run_dir) / "model.safetensors")
     return model, tokenizer
 
 
@@ -35,10 +31,9 @@ def main():
     config = {"script": "train_bert", "model": args.model, "head": args.head, "dropout": args.dropout,
               "penalty_words": args.penalty_words, "penalty": args.penalty, "max_len": args.max_len,
               "args": vars(args)}
-    if args.penalty_words and runtime.is_main:
-        shutil.copyfile(args.penalty_words, run_dir / "penalty_words.json")  # the run reloads on its own
-
     model, tokenizer = common.build_bert_classifier(config)
+    if runtime.is_main:
+        common.keep_penalty_words(config, run_dir)
     data = common.encode_splits(tokenizer, splits, args.max_len)
     total, trainable = common.count_parameters(model)
     if runtime.is_main:

@@ -20,7 +20,6 @@ The pieces (data, encoder, heads, loop) live in common.py; this script adds LoRA
 """
 import argparse
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -59,7 +58,6 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base  # the pretrained nn.Linear, weight and bias untouched (and frozen)
         self.base.requires_grad_(False)
-        self.r = r
         self.scaling = alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features))   # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))  # (out, r)
@@ -167,21 +165,9 @@ def load_model(config, run_dir):
     missing = [k for k in ("model", "head", "dropout", "r", "alpha", "targets", "lora_dropout") if k not in config]
     if missing:
         raise common.UserError(f"{run_dir}/config.json: missing keys {missing} (not a train_lora.py run?)")
-    if (run_dir / "penalty_words.json").exists():
-        config = {**config, "penalty_words": run_dir / "penalty_words.json"}
-    model, tokenizer = common.build_bert_classifier(config, pretrained=True)
+    model, tokenizer = common.build_bert_classifier(config, pretrained=True, run_dir=run_dir)
     inject_lora(model, config["targets"], config["r"], config["alpha"], config["lora_dropout"])
-    adapter = common.load_weights(run_dir / ADAPTER_FILE)
-    trainable = common.trainable_state(model)
-    unexpected = sorted(set(adapter) - set(trainable))
-    missing = sorted(set(trainable) - set(adapter))
-    misshaped = [f"{k} {tuple(adapter[k].shape)} != {tuple(trainable[k].shape)}"
-                 for k in adapter if k in trainable and adapter[k].shape != trainable[k].shape]
-    if unexpected or missing or misshaped:
-        raise common.UserError(f"{run_dir / ADAPTER_FILE} does not fit config.json (model {config['model']}, "
-                               f"head {config['head']}, r {config['r']}, targets {config['targets']}): "
-                               f"unexpected {unexpected}, missing {missing}, mis-shaped {misshaped}")
-    model.load_state_dict(adapter, strict=False)  # strict=False: the frozen base is not in the adapter
+    common.load_checked(model, run_dir / ADAPTER_FILE, trainable_only=True)
     return merge_lora(model), tokenizer
 
 
@@ -220,10 +206,9 @@ def main(argv=None):
               "penalty_words": args.penalty_words, "penalty": args.penalty, "max_len": args.max_len,
               "r": args.r, "alpha": alpha, "targets": targets, "lora_dropout": args.lora_dropout,
               "args": vars(args)}
-    if args.penalty_words and runtime.is_main:
-        shutil.copyfile(args.penalty_words, run_dir / "penalty_words.json")  # the run reloads on its own
-
     model, tokenizer = common.build_bert_classifier(config)
+    if runtime.is_main:
+        common.keep_penalty_words(config, run_dir)
     inject_lora(model, targets, args.r, alpha, args.lora_dropout)
     if runtime.amp_dtype is not None:
         store_frozen_linears_in(model, runtime.amp_dtype)

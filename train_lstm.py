@@ -59,8 +59,9 @@ def build_tokenizer(args, train_texts):
 # Model
 # --------------------------------------------------------------------------------------------------
 def init_forget_bias(lstm, value):
-    """Start the forget gates open (Jozefowicz et al. 2015): with the default bias 0 the gate sits
-    at sigmoid(0) = 0.5, so the state halves at every step and early words reach the end faint.
+    """Start the forget gates open (Jozefowicz et al. 2015): with biases near 0 (PyTorch draws them
+    from +-1/sqrt(H)) the gate sits near sigmoid(0) = 0.5, so the state halves at every step and
+    early words reach the end faint.
     PyTorch keeps the gates [input, forget, cell, output] in one bias of 4H, twice (b_ih and b_hh):
     the forget slice of b_ih gets the value, that of b_hh 0, so their sum is the value."""
     with torch.no_grad():
@@ -155,7 +156,7 @@ def load_model(config, run_dir):
         raise common.UserError(f"{run_dir}: no tokenizer.json (not a finished train_lstm.py run)")
     tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
     model = build_model(config)
-    model.load_state_dict(common.load_weights(run_dir / "model.safetensors"))
+    common.load_checked(model, run_dir / "model.safetensors")
     return model, tokenizer
 
 

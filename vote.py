@@ -69,36 +69,53 @@ def parse_weights(text, n_runs):
 # --------------------------------------------------------------------------------------------------
 # Runs and their saved probabilities
 # --------------------------------------------------------------------------------------------------
-def find_members(args):
-    runs = [Path(r) for r in args.runs] if args.runs else common.find_runs(args.root)
-    if not runs:
-        raise common.UserError(f"no finished runs under {args.root}/ (train one first, or pass --runs)")
-    for run in runs:
-        if not (run / "metrics.json").exists():
-            raise common.UserError(f"{run}: no metrics.json (not a finished run folder)")
-    return runs
-
-
 def display_names(runs):
     """Folder names, or whole paths where two runs share a folder name."""
     names = [run.name for run in runs]
     return names if len(set(names)) == len(names) else [str(run) for run in runs]
 
 
+def rows_of(run):
+    """(split, row count, fingerprint) of the val and test rows a run was scored on."""
+    metrics = common.load_json(run / "metrics.json")
+    try:
+        return tuple((split, metrics["rows"][split], metrics["fingerprints"][split]) for split in ("val", "test"))
+    except KeyError as err:
+        raise common.UserError(f"{run}/metrics.json: no rows or fingerprints for {err}") from None
+
+
 def check_same_rows(runs):
     """All members must have been scored on the same val and test rows, in the same order."""
-    def rows_of(run):
-        metrics = common.load_json(run / "metrics.json")
-        try:
-            return tuple((split, metrics["rows"][split], metrics["fingerprints"][split]) for split in ("val", "test"))
-        except KeyError as err:
-            raise common.UserError(f"{run}/metrics.json: no rows or fingerprints for {err}") from None
     seen = {run: rows_of(run) for run in runs}
     if len(set(seen.values())) > 1:
         described = "; ".join(f"{run} (" + ", ".join(f"{split} {n} rows {fp}" for split, n, fp in rows) + ")"
                               for run, rows in seen.items())
         raise common.UserError(f"runs were scored on different rows, so their probabilities cannot be averaged "
                                f"row by row: {described}. Train them with the same data, --val-size and --test-size")
+
+
+def find_members(args):
+    """--runs as given; else the finished runs under runs/ that were scored on the same rows. Where
+    runs of different data settings lie side by side (a --quick run beside full ones), the largest
+    such group votes, the newest on a tie, and the others are named."""
+    if args.runs:
+        runs = [Path(r) for r in args.runs]
+        for run in runs:
+            if not (run / "metrics.json").exists():
+                raise common.UserError(f"{run}: no metrics.json (not a finished run folder)")
+        return runs
+    runs = common.find_runs(args.root)
+    if not runs:
+        raise common.UserError(f"no finished runs under {args.root}/ (train one first, or pass --runs)")
+    groups = {}
+    for run in runs:  # oldest first, so a group's last run is its newest
+        groups.setdefault(rows_of(run), []).append(run)
+    chosen = max(groups.values(), key=lambda group: (len(group), runs.index(group[-1])))
+    left_out = [run for run in runs if run not in chosen]
+    if left_out:
+        print(f"left out (scored on other rows than the {len(chosen)} runs voting): "
+              f"{', '.join(str(r) for r in left_out)}")
+    return chosen
 
 
 def load_probs(run, split, rows):

@@ -7,12 +7,13 @@ import os
 # common.py's attnpool head), whatever order the files run in.
 os.environ["TRITON_INTERPRET"] = "1"
 
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
+import common  # noqa: E402
+
+AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 
 # A finished train_lstm.py run small enough to train in a few seconds on a CPU, yet one that has
 # learned something (about 0.6 test accuracy): word vocabulary, 1,000 training rows, 3 epochs.

@@ -20,7 +20,7 @@ import train_lstm
 from kernels.attn_pool import load_penalty_table
 
 ROOT = Path(__file__).resolve().parents[1]
-AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
+AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 
 
 def png_size(path):

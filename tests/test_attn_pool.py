@@ -1,10 +1,10 @@
 """Tests of kernels/attn_pool.py: the Triton kernels against the torch reference, the reference
 against finite differences, and the penalised-word loader. CPU only: the kernels run under the
-Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay small. Every test draws fresh random inputs; the seed is in the
-failure message."""
+Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay small. Every test
+draws fresh random inputs; the seed is in the failure message."""
 import importlib.util
-import os
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path

@@ -127,3 +127,18 @@ def test_unknown_head_is_named():
                                               num_attention_heads=2, intermediate_size=16))
     with pytest.raises(common.UserError, match="unknown head 'gru'"):
         common.BertClassifier(bert, head="gru")
+
+
+@pytest.mark.parametrize("head", common.HEAD_NAMES)
+def test_every_head_gives_a_row_the_same_logits_alone_or_padded_in_a_batch(head):
+    """Padding must not change a prediction: a test row's result may not depend on its batch."""
+    torch.manual_seed(torch.seed())
+    bert = common.BertModel(common.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=4, intermediate_size=64))
+    model = common.BertClassifier(bert, head=head).eval()
+    input_ids, mask = padded_batch(60, [5, 17, 2], torch.Generator().manual_seed(torch.seed()))
+    with torch.no_grad():
+        batched = model(input_ids, mask)
+        for i, length in enumerate([5, 17, 2]):
+            alone = model(input_ids[i: i + 1, :length], mask[i: i + 1, :length])
+            assert (alone - batched[i]).abs().max().item() < 1e-5, f"{head}: row {i}"

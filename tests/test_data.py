@@ -1,8 +1,6 @@
 """AG News loading: canonical rows load, every kind of bad row stops with file:line, splits are stable."""
 import csv
 import io
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from hypothesis import strategies as st
 
 import common
 
-AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
+AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 
 
 def write_rows(path, text):
@@ -68,7 +66,7 @@ def test_fuzz_canonical_rows_round_trip_or_fail_cleanly(tmp_path, rows):
     path = write_rows(tmp_path / "f.csv", buf.getvalue())
     empty = [i for i, (_, t, d) in enumerate(rows) if not common.clean_text(f"{t} {d}")]
     if empty:
-        with pytest.raises(common.UserError, match=rf"f.csv:\d+: empty text"):
+        with pytest.raises(common.UserError, match=r"f.csv:\d+: empty text"):
             common.load_csv(path)
         return
     split = common.load_csv(path)

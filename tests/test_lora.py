@@ -1,7 +1,5 @@
 """LoRA by hand (train_lora.py): exact start at the pretrained model, merge = unmerged, parity with
 peft on the same weights, gradients only where they belong, adapter round trip, and real learning."""
-import os
-from pathlib import Path
 
 import numpy as np
 import peft
@@ -13,7 +11,7 @@ import common
 import train_lora
 from train_lora import count_lora_parameters, inject_lora, merge_lora, unmerge_lora
 
-AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
+AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
             max_position_embeddings=64)

@@ -2,7 +2,6 @@
 cost, attention ignores padding, the word tokenizer truncates right, and a saved run reloads and
 resumes to the same probabilities."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 import common
 import train_lstm
 
-AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
+AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest.single_thread
 
 
@@ -153,15 +152,15 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeyp
              "--epochs", "2", "--embed-dim", "16", "--hidden-size", "16", "--max-len", "32"]
     whole = train(tmp_path / "whole", *flags)
 
-    save_json = common.save_json
-    def save_json_then_die_after_epoch_1(path, obj):
-        save_json(path, obj)
-        if Path(path).name == "resume.json" and obj["epoch"] == 1:
+    save_weights = common.save_weights
+    def save_weights_then_die_after_epoch_1(path, tensors, metadata=None):
+        save_weights(path, tensors, metadata)
+        if Path(path).name == common.RESUME_FILE and json.loads(metadata["progress"])["epoch"] == 1:
             raise Killed
-    monkeypatch.setattr(common, "save_json", save_json_then_die_after_epoch_1)
+    monkeypatch.setattr(common, "save_weights", save_weights_then_die_after_epoch_1)
     with pytest.raises(Killed):
         train(tmp_path / "cut", *flags)
-    monkeypatch.setattr(common, "save_json", save_json)
+    monkeypatch.setattr(common, "save_weights", save_weights)
     with pytest.raises(common.UserError, match="already holds a run"):
         train(tmp_path / "cut", *flags)
     resumed = train(tmp_path / "cut", *flags, "--resume")
@@ -170,4 +169,4 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeyp
     assert losses == pytest.approx([h["train_loss"] for h in whole["history"]], abs=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "cut" / "test_probs.npy"),
                                np.load(tmp_path / "whole" / "test_probs.npy"), atol=1e-6, rtol=0)
-    assert not (tmp_path / "cut" / "resume.json").exists()
+    assert not (tmp_path / "cut" / common.RESUME_FILE).exists()

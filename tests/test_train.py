@@ -2,7 +2,6 @@
 run ends exactly where an uninterrupted one does, and a saved run reloads to the same probabilities."""
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import torch
 
 import common
 
-AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
+AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 ROOT = Path(__file__).resolve().parents[1]
 CPU = common.Runtime(torch.device("cpu"))
 
@@ -64,12 +63,15 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True, cwd=ROOT)
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and not (killed / "resume.json").exists():
+    while process.poll() is None and not (killed / common.RESUME_FILE).exists():
         time.sleep(0.05)
     process.kill()
     process.wait()
     assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
-    assert json.loads((killed / "resume.json").read_text())["epoch"] == 1
+    _, metadata = common.load_weights(killed / common.RESUME_FILE, with_metadata=True)
+    assert json.loads(metadata["progress"])["epoch"] == 1
+    changed = subprocess.run(command(killed, "--resume", "--lr", "1e-3"), capture_output=True, text=True, cwd=ROOT)
+    assert changed.returncode == 2 and "the run was started with other flags (lr: 5e-05 then, 0.001 now)" in changed.stderr
     subprocess.run(command(killed, "--resume"), check=True, capture_output=True, cwd=ROOT)
 
     whole, resumed = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "whole", killed))

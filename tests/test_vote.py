@@ -1,7 +1,7 @@
 """vote.py: weights fitted on validation reach the known optimum, an ensemble of a model with itself
 is that model, runs scored on other rows are refused, and the texts table is stable and adds up."""
+import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,7 +15,7 @@ import torch
 import common
 import vote
 
-AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", "../shared/data/ag_news"))
+AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest.single_thread
 
@@ -162,6 +162,17 @@ def test_runs_scored_on_other_rows_are_refused(tiny_lstm_run, tmp_path, change):
     with pytest.raises(common.UserError, match="scored on different rows") as err:
         vote.main(["--runs", str(tiny_lstm_run), str(other)])
     assert str(tiny_lstm_run) in str(err.value) and str(other) in str(err.value)
+
+
+def test_bare_vote_takes_the_largest_group_scored_on_the_same_rows(tiny_lstm_run, tmp_path, capsys):
+    root = tmp_path / "runs"
+    same = [copy_run(tiny_lstm_run, root / name) for name in ("a", "b")]
+    quick = copy_run(tiny_lstm_run, root / "quick")
+    metrics = json.loads((quick / "metrics.json").read_text())
+    metrics["fingerprints"]["val"] = "f" * 16
+    common.save_json(quick / "metrics.json", metrics)
+    assert vote.find_members(argparse.Namespace(runs=None, root=str(root))) == same
+    assert f"left out (scored on other rows than the 2 runs voting): {quick}" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------
