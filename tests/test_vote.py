@@ -171,7 +171,7 @@ def test_bare_vote_takes_the_largest_group_scored_on_the_same_rows(tiny_lstm_run
     metrics = json.loads((quick / "metrics.json").read_text())
     metrics["fingerprints"]["val"] = "f" * 16
     common.save_json(quick / "metrics.json", metrics)
-    assert vote.find_members(argparse.Namespace(runs=None, root=str(root))) == same
+    assert sorted(vote.find_members(argparse.Namespace(runs=None, root=str(root)))) == same
     assert f"left out (scored on other rows than the 2 runs voting): {quick}" in capsys.readouterr().out
 
 
