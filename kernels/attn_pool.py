@@ -354,8 +354,8 @@ def attn_pool_backward_triton(hidden, mask, penalty, w, bias, out, lse, grad_out
 # ---------------
 # The kernels index contiguous tensors (fewer arguments, and the cheapest launches); attn_pool
 # makes its inputs contiguous, a no-op for an encoder's output. Gradients come back in the dtype
-# of each input: with hidden in bf16 from autocast and w an fp32 nn.Linear weight, dH is bf16 and
-# dw fp32.
+# of each input: with hidden in bf16 (the attnpool head casts to the autocast dtype) and w an fp32
+# nn.Linear weight, dH is bf16 and dw fp32.
 
 
 class AttnPoolFunction(torch.autograd.Function):

@@ -1,6 +1,8 @@
 """AG News loading: canonical rows load, every kind of bad row stops with file:line, splits are stable."""
 import csv
 import io
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +135,34 @@ def test_encode_truncates_keeping_sep():
     ids = common.encode(tokenizer, ["word " * 300, "short text"], max_len=16)
     assert len(ids[0]) == 16 and ids[0][0] == 101 and ids[0][-1] == 102
     assert ids[1].tolist() == tokenizer.encode("short text").ids
+
+
+# -- the download (offline: a local archive stands in for the release) ------------------------------
+def fake_release(tmp_path, monkeypatch, test_rows):
+    folder = tmp_path / "release" / "ag_news_csv"
+    folder.mkdir(parents=True)
+    (folder / "train.csv").write_text(GOOD)
+    (folder / "test.csv").write_text(test_rows)
+    (folder / "classes.txt").write_text("\n".join(common.CLASS_NAMES) + "\n")
+    archive = tmp_path / "release.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="ag_news_csv")
+    monkeypatch.setattr(common, "download", lambda url, dest: Path(dest).write_bytes(archive.read_bytes()))
+    monkeypatch.setattr(common, "AGNEWS_TEST_MD5", common.md5_of(folder / "test.csv") if test_rows == GOOD else "0" * 32)
+    monkeypatch.setattr(common, "AGNEWS_TRAIN_ROWS", 2)
+    monkeypatch.delenv("AGNEWS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_download_unpacks_checks_and_finds_the_release(tmp_path, monkeypatch):
+    fake_release(tmp_path, monkeypatch, GOOD)
+    assert common.find_data_dir() == Path("data/ag_news")
+    assert sorted(p.name for p in (tmp_path / "data/ag_news").iterdir()) == ["classes.txt", "test.csv", "train.csv"]
+    assert len(common.load_csv(common.find_data_dir() / "test.csv")) == 2  # found again, no download
+
+
+def test_a_download_that_fails_its_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
+    fake_release(tmp_path, monkeypatch, '"1","other","rows"\n')
+    with pytest.raises(common.UserError, match="differs from the official test set"):
+        common.find_data_dir()
+    assert list((tmp_path / "data/ag_news").iterdir()) == []
