@@ -213,8 +213,9 @@ def parse_label(field):
 
 
 def read_cases(path):
-    """--file: one text a line, or CSV rows `label,text` (label 1..4 or a class name); the first
-    line decides which, and a header line `label,text` is skipped. Blank lines are skipped.
+    """--file: one text a line, or, in a .csv file or one whose first line is the header `label,text`,
+    CSV rows `label,text` (label 1..4 or a class name). The file's name or header decides, not a
+    guess from its first text: "1,000 jobs cut" is a text, not label 1. Blank lines are skipped.
     Returns [(label or None, text)]."""
     path = Path(path)
     try:
@@ -229,7 +230,7 @@ def read_cases(path):
         raise common.UserError(f"{path}: no texts")
     first = [f.strip().lower() for f in next(csv.reader([numbered[0][1]]))]
     header = first == ["label", "text"]
-    labelled = header or (len(first) >= 2 and parse_label(first[0]) is not None)
+    labelled = header or path.suffix.lower() == ".csv"
     if header:
         numbered = numbered[1:]
 
@@ -312,7 +313,8 @@ def main(argv=None):
     parser.add_argument("--weights", help="weights by hand, one per run in order, e.g. 0.6,0.4 (normalised to sum 1)")
     parser.add_argument("--data", help="AG News folder for the labels (default: the one the first run used)")
     parser.add_argument("--text", action="append", help="classify this text (repeatable)")
-    parser.add_argument("--file", help="classify the texts in this file: one a line, or label,text rows")
+    parser.add_argument("--file", help="classify the texts in this file: one a line; or, in a .csv file or under "
+                                       "a label,text header, label,text rows whose hits are counted")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", help="with the test vote: also save the ensemble's val/test probabilities "
                                       "and weights here")

@@ -220,8 +220,8 @@ def test_labelled_file_counts_hits(tiny_lstm_run, tmp_path, capsys):
 
 def test_case_files_are_read_or_refused_with_file_and_line(tmp_path):
     plain = tmp_path / "plain.txt"
-    plain.write_text("Stocks fall, again\n\n  Nadal wins  \n")
-    assert vote.read_cases(plain) == [(None, "Stocks fall, again"), (None, "Nadal wins")]
+    plain.write_text("1,000 jobs cut, again\n\n  Nadal wins  \n")
+    assert vote.read_cases(plain) == [(None, "1,000 jobs cut, again"), (None, "Nadal wins")]
 
     labelled = tmp_path / "labelled.csv"
     labelled.write_text('1,"Rebels, army clash"\nsports,Nadal wins, again\n')
@@ -233,6 +233,6 @@ def test_case_files_are_read_or_refused_with_file_and_line(tmp_path):
         bad.write_text(content)
         with pytest.raises(common.UserError, match=rf"bad\.csv:{line}: "):
             vote.read_cases(bad)
-    bad.write_bytes(b"fine\nnot \xff utf-8\n")
+    bad.write_bytes(b"1,fine\n2,not \xff utf-8\n")
     with pytest.raises(common.UserError, match=r"bad\.csv:2: bytes that are not UTF-8"):
         vote.read_cases(bad)
