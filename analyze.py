@@ -34,7 +34,6 @@ from sklearn.decomposition import PCA
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix, f1_score
-from sklearn.model_selection import train_test_split
 
 import common
 
@@ -200,16 +199,6 @@ def show_confusion(run, out_dir):
 # --------------------------------------------------------------------------------------------------
 # --pca and --tsne: the sentence vectors (model.features) of a stratified sample, in 2-D
 # --------------------------------------------------------------------------------------------------
-def stratified_sample(labels, size, seed):
-    """Row indices of `size` rows with the class proportions of `labels`, in split order."""
-    if size >= len(labels):
-        return np.arange(len(labels))
-    if size < common.NUM_CLASSES:
-        raise common.UserError(f"--sample {size}: need at least one row per class ({common.NUM_CLASSES})")
-    keep, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
-    return np.sort(keep)
-
-
 def sentence_features(run, rows):
     """model.features of the given test rows: (len(rows), F) float32."""
     model, tokenizer = run.model_and_tokenizer
@@ -236,7 +225,7 @@ def plot_map(points, labels, wrong, title, axis_labels, path):
 
 def show_maps(run, out_dir, methods, sample, seed):
     """methods: a subset of ("pca", "tsne"). Returns the written paths."""
-    rows = stratified_sample(run.test.labels, sample, seed)
+    rows = common.stratified_indices(run.test.labels, sample, seed)
     features = sentence_features(run, rows)                       # (S, F)
     labels, wrong = run.test.labels[rows], run.preds[rows] != run.test.labels[rows]
     what = f"{run.dir.name}: sentence vectors of {len(rows)} test rows"

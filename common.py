@@ -308,15 +308,20 @@ def find_data_dir(arg=None):
     return data_dir
 
 
-def stratified_subset(split, size, seed):
-    """`size` rows of `split` with its class proportions (sklearn's stratified split)."""
-    if size is None or size >= len(split):
-        return split
+def stratified_indices(labels, size, seed):
+    """Sorted indices of `size` rows with the class proportions of `labels` (sklearn's stratified
+    split); all rows when size is None or too large."""
+    if size is None or size >= len(labels):
+        return np.arange(len(labels))
     if size < NUM_CLASSES:
         raise UserError(f"a stratified sample needs at least {NUM_CLASSES} rows (one per class), got {size}")
-    keep, _ = train_test_split(np.arange(len(split)), train_size=size, stratify=split.labels,
-                               random_state=seed)
-    return split.subset(np.sort(keep))  # keep file order
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
+    return np.sort(keep)  # keep file order
+
+
+def stratified_subset(split, size, seed):
+    """`size` rows of `split` with its class proportions, in file order."""
+    return split.subset(stratified_indices(split.labels, size, seed))
 
 
 def load_ag_news(data_dir=None, train_size=None, test_size=None, val_size=None):

@@ -118,7 +118,7 @@ def test_without_runs_the_default_is_a_clear_error(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 def test_stratified_sample_keeps_class_proportions():
     labels = np.repeat(np.arange(4), [400, 300, 200, 100])
-    rows = analyze.stratified_sample(labels, 100, seed=0)
+    rows = common.stratified_indices(labels, 100, seed=0)
     assert np.bincount(labels[rows]).tolist() == [40, 30, 20, 10]
     assert np.all(np.diff(rows) > 0)
 
