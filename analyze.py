@@ -73,24 +73,6 @@ def newest_run(root="runs"):
     return runs[-1]
 
 
-def load_split(run_dir, config, metrics, name, data_dir=None):
-    """The val or test rows the run was scored on: the data settings it was trained with
-    (config["args"]), checked against the fingerprint in metrics.json, so probabilities and labels
-    line up row by row."""
-    args = config.get("args", {})
-    splits = common.load_ag_news(data_dir or args.get("data"), args.get("train_size"),
-                                 args.get("test_size"), args.get("val_size"))
-    split = splits[name]
-    expected = metrics.get("fingerprints", {}).get(name)
-    if expected is None:
-        raise common.UserError(f"{run_dir}/metrics.json: no fingerprints.{name}, so its {name} rows cannot be checked")
-    if split.fingerprint() != expected:
-        raise common.UserError(
-            f"{run_dir}: the {name} split loaded now (fingerprint {split.fingerprint()}, {len(split)} rows) is not "
-            f"the one the run was scored on ({expected}); pass --data with the AG News folder it was trained on")
-    return split
-
-
 class SavedRun:
     """A finished run folder. The test split, the saved probabilities and the model load on first use,
     so --curves needs no data and --confusion no model."""
@@ -106,20 +88,12 @@ class SavedRun:
 
     @cache
     def split(self, name):
-        return load_split(self.dir, self.config, self.metrics, name, self.data_dir)
+        return common.load_scored_split(self.dir, name, self.data_dir)
 
     @cache
     def probs_of(self, name):
         """(N, 4) float32, rows in the order of the val or test split."""
-        path = self.dir / f"{name}_probs.npy"
-        try:
-            probs = np.load(path)
-        except (OSError, ValueError) as err:
-            raise common.UserError(f"{path}: cannot read ({err})") from None
-        expected = (len(self.split(name)), common.NUM_CLASSES)
-        if probs.shape != expected:
-            raise common.UserError(f"{path}: shape {probs.shape}, expected {expected}")
-        return probs
+        return common.load_probs(self.dir, name, len(self.split(name)))
 
     @property
     def test(self):

@@ -1130,6 +1130,36 @@ def load_checked(model, path, trainable_only=False):
     model.load_state_dict(state, strict=not trainable_only)
 
 
+def load_scored_split(run_dir, name, data_dir=None):
+    """The val or test rows a finished run was scored on: loaded with the data flags it was trained
+    with (config["args"]) and checked against the fingerprint in its metrics.json, so its saved
+    probabilities and these labels line up row by row."""
+    run_dir = Path(run_dir)
+    args = load_json(run_dir / "config.json").get("args", {})
+    splits = load_ag_news(data_dir or args.get("data"), args.get("train_size"), args.get("test_size"),
+                          args.get("val_size"))
+    expected = load_json(run_dir / "metrics.json").get("fingerprints", {}).get(name)
+    if expected is None:
+        raise UserError(f"{run_dir}/metrics.json: no fingerprints.{name}, so its {name} rows cannot be checked")
+    if splits[name].fingerprint() != expected:
+        raise UserError(f"{run_dir}: the {name} split loaded now (fingerprint {splits[name].fingerprint()}, "
+                        f"{len(splits[name])} rows) is not the one the run was scored on ({expected}); "
+                        f"pass --data with the AG News folder it was trained on")
+    return splits[name]
+
+
+def load_probs(run_dir, name, rows):
+    """A run's saved val or test probabilities, (rows, 4) float32, checked for shape."""
+    path = Path(run_dir) / f"{name}_probs.npy"
+    try:
+        probs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read ({err})") from None
+    if probs.shape != (rows, NUM_CLASSES):
+        raise UserError(f"{path}: shape {probs.shape}, expected ({rows}, {NUM_CLASSES})")
+    return probs
+
+
 def find_runs(root="runs"):
     """Finished runs under root, oldest first."""
     runs = [p.parent for p in Path(root).glob("*/metrics.json")]

@@ -118,40 +118,14 @@ def find_members(args):
     return chosen
 
 
-def load_probs(run, split, rows):
-    path = run / f"{split}_probs.npy"
-    try:
-        probs = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise common.UserError(f"{path}: cannot read ({err})") from None
-    if probs.shape != (rows, common.NUM_CLASSES):
-        raise common.UserError(f"{path}: shape {probs.shape}, expected ({rows}, {common.NUM_CLASSES}) "
-                               f"as in metrics.json")
-    return probs
-
-
-def load_labels(runs, data_dir):
-    """val and test labels, from the data the runs were trained on (the first run's data flags);
-    the rows must hash to the fingerprints the runs saved."""
-    run_args = common.load_json(runs[0] / "config.json")["args"]
-    splits = common.load_ag_news(data_dir or run_args["data"], run_args["train_size"], run_args["test_size"],
-                                 run_args["val_size"])
-    saved = common.load_json(runs[0] / "metrics.json")["fingerprints"]
-    for split in ("val", "test"):
-        if splits[split].fingerprint() != saved[split]:
-            raise common.UserError(f"the data found now gives other {split} rows than {runs[0]} was scored on "
-                                   f"(fingerprint {splits[split].fingerprint()} != {saved[split]}): pass --data "
-                                   f"with the folder it was trained on")
-    return splits["val"].labels, splits["test"].labels
-
-
 def load_saved(runs, data_dir):
-    """The members' saved probabilities on val and test, and the labels of those rows."""
+    """The members' saved probabilities on val and test, and the labels of those rows (found with the
+    first run's data flags; check_same_rows has made sure every member saw the same rows)."""
     check_same_rows(runs)
-    rows = common.load_json(runs[0] / "metrics.json")["rows"]
-    val_probs = [load_probs(run, "val", rows["val"]) for run in runs]
-    test_probs = [load_probs(run, "test", rows["test"]) for run in runs]
-    return (val_probs, test_probs, *load_labels(runs, data_dir))
+    val, test = (common.load_scored_split(runs[0], name, data_dir) for name in ("val", "test"))
+    val_probs = [common.load_probs(run, "val", len(val)) for run in runs]
+    test_probs = [common.load_probs(run, "test", len(test)) for run in runs]
+    return val_probs, test_probs, val.labels, test.labels
 
 
 def choose_weights(args, runs, saved=None):
