@@ -544,18 +544,22 @@ def show_curves(run, out_dir):
     missing = [k for k in keys if k not in history[0]]
     if missing:
         raise common.UserError(f"{run.dir}/metrics.json: history lacks {', '.join(missing)}")
-    print("\n" + "".join(f"{k:>14}" for k in keys))
+    if "train_accuracy" in history[0]:  # runs trained before it was recorded lack it
+        keys.insert(2, "train_accuracy")
+    print("\n" + "".join(f"{k:>15}" for k in keys))
     for h in history:
-        print(f"{h['epoch']:>14}" + "".join(f"{h[k]:>14.4f}" for k in keys[1:]))
+        print(f"{h['epoch']:>15}" + "".join(f"{h[k]:>15.4f}" for k in keys[1:]))
 
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=CURVES_SIZE)
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         loss_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
-    for key, label in (("val_accuracy", "validation accuracy"), ("val_macro_f1", "validation macro F1")):
-        score_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    for key, label in (("train_accuracy", "training accuracy"), ("val_accuracy", "validation accuracy"),
+                       ("val_macro_f1", "validation macro F1")):
+        if key in keys:
+            score_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
     best = run.metrics.get("best_epoch")
-    for ax, title in ((loss_ax, "cross-entropy loss"), (score_ax, "validation scores")):
+    for ax, title in ((loss_ax, "cross-entropy loss"), (score_ax, "accuracy and macro F1")):
         if best is not None:
             ax.axvline(best, color="grey", linestyle=":", label=f"best epoch ({best})")
         ax.set_xlabel("epoch")

@@ -101,7 +101,7 @@ def test_cli_writes_tables_and_figures(bert_run, tmp_path, capsys):
     analyze.main(["--run", str(bert_run), "--out", str(tmp_path), "--report", "--errors", "--top", "3",
                   "--curves", "--device", "cpu"])
     printed = capsys.readouterr().out
-    assert "most confidently wrong" in printed and "val_macro_f1" in printed
+    assert "most confidently wrong" in printed and "val_macro_f1" in printed and "train_accuracy" in printed
     assert png_size(tmp_path / "curves.png") == inches_to_pixels(analyze.CURVES_SIZE)
     with pytest.raises(common.UserError, match="nothing to do"):
         analyze.main(["--run", str(bert_run)])
