@@ -2,7 +2,8 @@
 
     python train_bert.py --head pooler            # = AutoModelForSequenceClassification
     python train_bert.py --head textcnn --epochs 3
-    python train_bert.py --head attnpool --penalty-words runs/x/penalty_words.json --penalty 2.0
+    python train_bert.py --head attnpool --penalty-words runs/X/analysis/penalty_words.json --penalty 2.0
+    python train_bert.py --head pooler --seeds 0,1,2  # three runs: runs/bert_pooler/seed0, seed1, seed2
 
 Every weight of the encoder is trained, at a small learning rate (2e-5..5e-5): the pretrained
 features are already good, and a large step would wreck them in the first updates.
@@ -21,12 +22,15 @@ def load_model(config, run_dir):
     return model, tokenizer
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     common.add_bert_args(parser)
     common.add_common_args(parser, lr=5e-5, epochs=3)
-    args = parser.parse_args()
+    return parser
 
+
+def train(args):
+    """One run: fine-tune, score, save into args.out."""
     runtime, run_dir, splits, t_start = common.start_run(args, f"bert_{args.head}")
     config = {"script": "train_bert", "model": args.model, "head": args.head, "dropout": args.dropout,
               "penalty_words": args.penalty_words, "penalty": args.penalty, "max_len": args.max_len,
@@ -39,11 +43,16 @@ def main():
     if runtime.is_main:
         print(f"{args.model} + {args.head} head: {total:,} parameters, {trainable:,} trainable | "
               f"train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} rows | "
-              f"{runtime.device}, {runtime.amp_dtype or 'fp32'}")
+              f"{runtime.device}, {runtime.precision}")
 
     history = common.train(model, data, args, runtime, run_dir)
     common.finish_run(model, data, splits, runtime, run_dir, config, history, "model.safetensors",
                       trainable_only=False, t_start=t_start)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    common.run_each_seed(args, f"bert_{args.head}", train)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python train_lora.py --quick        # README demo: 2,000 rows, 1 epoch, a few minutes on 2 CPU cores
     python train_lora.py --r 8          # the full experiment: every training row, 3 epochs (GPU)
     python train_lora.py --r 4 --targets query,key,value,out,ffn_in,ffn_out
+    python train_lora.py --r 8 --seeds 0,1,2   # three runs: runs/lora_r8_pooler/seed0, seed1, seed2
 
 Low-Rank Adaptation (Hu et al. 2021) freezes every pretrained weight W (out x in) and learns an update
 of low rank instead:  W' = W + B A * alpha / r,  with A (r x in) and B (out x r), r << in.
@@ -174,9 +175,9 @@ def load_model(config, run_dir):
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--r", type=int, default=8, help="rank of the update B A (default 8)")
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser.add_argument("--r", type=int, default=8, help="rank of the update B A")
     parser.add_argument("--alpha", type=float,
                         help="scale of the update, applied as alpha/r (default 2*r, so alpha/r = 2: the "
                              "study's r 8 / alpha 16 and the usual rule of thumb; the default --lr was tuned "
@@ -184,23 +185,33 @@ def main(argv=None):
                              "ranks at the same step size fix it instead, as the LoRA paper does: --alpha 16")
     parser.add_argument("--targets", default="query,value",
                         help=f"comma-separated layers to adapt, from {', '.join(TARGETS)} "
-                             f"(out = attention output; default query,value as in the LoRA paper)")
-    parser.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA path only (default 0.1)")
+                             f"(out = attention output; query,value as in the LoRA paper)")
+    parser.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA path only")
     parser.add_argument("--quick", action="store_true",
                         help="README demo: --train-size 2000 --val-size 1000 --epochs 1 on the default "
                              "model, scored on the full official test set; a few minutes on 2 CPU cores "
                              "(flags given explicitly still win)")
     common.add_bert_args(parser)
     common.add_common_args(parser, lr=DEFAULT_LR, epochs=3)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:  # parse again so that the quick defaults give way to flags the user typed
         parser.set_defaults(train_size=2000, val_size=1000, epochs=1)
         args = parser.parse_args(argv)
     if args.r < 1:
         raise common.UserError(f"--r must be at least 1, got {args.r}")
+    parse_targets(args.targets)  # a bad --targets stops here, before any run folder is made
+    return args
+
+
+def train(args):
+    """One run: inject LoRA, train adapter and head, score, save into args.out."""
     alpha = args.alpha if args.alpha is not None else 2 * args.r
     targets = parse_targets(args.targets)
-
     runtime, run_dir, splits, t_start = common.start_run(args, f"lora_r{args.r}_{args.head}")
     config = {"script": "train_lora", "model": args.model, "head": args.head, "dropout": args.dropout,
               "penalty_words": args.penalty_words, "penalty": args.penalty, "max_len": args.max_len,
@@ -217,7 +228,7 @@ def main(argv=None):
     if runtime.is_main:
         print(f"{args.model} + {args.head} head, LoRA r {args.r}, alpha {alpha:g} on {','.join(targets)} | "
               f"train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} rows | "
-              f"{runtime.device}, {runtime.amp_dtype or 'fp32'}")
+              f"{runtime.device}, {runtime.precision}")
         print(f"total params: {total:,} || trainable params: {trainable:,} || "
               f"trainable%: {100 * trainable / total:.4f}  (LoRA {count_lora_parameters(model):,}, "
               f"head {trainable - count_lora_parameters(model):,})")
@@ -229,6 +240,11 @@ def main(argv=None):
         size = (run_dir / ADAPTER_FILE).stat().st_size
         print(f"adapter: {run_dir / ADAPTER_FILE}, {size / 1e6:.2f} MB ({trainable:,} parameters; "
               f"the frozen base model is read from --model {args.model})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.run_each_seed(args, f"lora_r{args.r}_{args.head}", train)
 
 
 if __name__ == "__main__":

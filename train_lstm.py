@@ -3,6 +3,7 @@
     python train_lstm.py --arch lstm                   # embedding -> LSTM -> last state -> linear
     python train_lstm.py --arch bilstm_attn            # embedding -> BiLSTM -> additive attention -> linear
     python train_lstm.py --arch bilstm_attn --vocab wordpiece --model minilm
+    python train_lstm.py --arch bilstm_attn --seeds 0,1,2   # runs/bilstm_attn/seed0, seed1, seed2
 
 Nothing here is pretrained: the embeddings start random and everything learns from the labelled
 rows alone. Two lessons on top of common.py:
@@ -163,28 +164,34 @@ def load_model(config, run_dir):
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="bilstm_attn", choices=ARCHS)
-    parser.add_argument("--vocab", default="word", choices=["word", "wordpiece"])
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser.add_argument("--arch", default="bilstm_attn", choices=ARCHS, help="lstm: last state; bilstm_attn: attention over a BiLSTM")
+    parser.add_argument("--vocab", default="word", choices=["word", "wordpiece"], help="see the vocabulary notes above")
     parser.add_argument("--min-freq", type=int, default=2, help="word vocab: keep words seen this often")
     parser.add_argument("--model", default="minilm",
                         help="wordpiece vocab: whose vocabulary (minilm, bert-base-uncased, DIR)")
-    parser.add_argument("--embed-dim", type=int, default=200)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--dropout", type=float, default=0.3)
+    parser.add_argument("--embed-dim", type=int, default=200, help="size of a word vector")
+    parser.add_argument("--hidden-size", type=int, default=128, help="LSTM state size per direction")
+    parser.add_argument("--dropout", type=float, default=0.3, help="dropout on the word vectors and before the classifier")
     common.add_common_args(parser, lr=2e-3, epochs=5, batch_size=64)
-    args = parser.parse_args(argv)
-    if args.min_freq < 1:
-        raise common.UserError(f"--min-freq must be at least 1, got {args.min_freq}")
+    return parser
 
-    name = args.arch if args.vocab == "word" else f"{args.arch}_wordpiece"
-    runtime, run_dir, splits, t_start = common.start_run(args, name)
+
+def run_name(args):
+    return args.arch if args.vocab == "word" else f"{args.arch}_wordpiece"
+
+
+def train(args):
+    """One run: build the vocabulary, train from scratch, score, save into args.out."""
+    runtime, run_dir, splits, t_start = common.start_run(args, run_name(args))
     tokenizer_path = run_dir / "tokenizer.json"
     if args.resume and tokenizer_path.exists():
         tokenizer = Tokenizer.from_file(str(tokenizer_path))  # the vocabulary the saved embeddings belong to
     else:
-        tokenizer = build_tokenizer(args, splits["train"].texts)
+        # The vocabulary of the rows as they are: with --eda, each word of a row would be counted once
+        # per copy, and --min-freq would let in words seen once (synonyms absent there become [UNK]).
+        tokenizer = build_tokenizer(args, common.original_rows(args, splits["train"]).texts)
         if runtime.is_main:
             common.atomic_write(tokenizer_path, lambda tmp: tokenizer.save(tmp))
     config = {"script": "train_lstm", "arch": args.arch, "vocab": args.vocab, "vocab_size": tokenizer.get_vocab_size(),
@@ -197,11 +204,18 @@ def main(argv=None):
     if runtime.is_main:
         print(f"{args.arch}, {args.vocab} vocab of {config['vocab_size']:,}: {total:,} parameters, "
               f"{trainable:,} trainable | train {len(splits['train'])}, val {len(splits['val'])}, "
-              f"test {len(splits['test'])} rows | {runtime.device}, {runtime.amp_dtype or 'fp32'}")
+              f"test {len(splits['test'])} rows | {runtime.device}, {runtime.precision}")
 
     history = common.train(model, data, args, runtime, run_dir)
     common.finish_run(model, data, splits, runtime, run_dir, config, history, "model.safetensors",
                       trainable_only=False, t_start=t_start)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.min_freq < 1:
+        raise common.UserError(f"--min-freq must be at least 1, got {args.min_freq}")
+    common.run_each_seed(args, run_name(args), train)
 
 
 if __name__ == "__main__":

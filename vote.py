@@ -4,6 +4,8 @@
     python vote.py --runs runs/bert_pooler runs/bilstm_attn --weights 0.7,0.3
     python vote.py --text "Oil climbs as OPEC cuts output" --text "Nadal wins in Paris"
     python vote.py --file cases.txt                        # one text a line, or label,text rows
+    python vote.py --runs runs/bilstm_attn runs/lora_r8_pooler --out runs/vote_bilstm_lora
+                   # folders of --seeds runs: seed k votes with seed k, into runs/vote_bilstm_lora/seed<k>/
 
 Soft voting averages the members' probabilities, p(y|x) = sum_k w_k p_k(y|x), and predicts the
 most probable class. The weights are fitted on the validation split only: fitted on test, they
@@ -12,9 +14,12 @@ labels are most likely (lowest validation log-loss), found by EM (see fit_weight
 
 Members must have been scored on the same rows: vote.py reads each run's val_probs.npy and
 test_probs.npy row by row, and refuses runs whose metrics.json names other rows (fingerprints).
+With --out the vote is saved as a run-like folder (config.json naming members and weights,
+val/test probabilities, metrics.json), so `analyze.py --compare` tables it beside its members.
 """
 import argparse
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,23 +75,14 @@ def parse_weights(text, n_runs):
 # Runs and their saved probabilities
 # --------------------------------------------------------------------------------------------------
 def display_names(runs):
-    """Folder names, or whole paths where two runs share a folder name."""
-    names = [run.name for run in runs]
+    """Folder names (a seed<k>/ run by its experiment's folder), or whole paths where two share a name."""
+    names = [run.parent.name if re.fullmatch(r"seed\d+", run.name) else run.name for run in runs]
     return names if len(set(names)) == len(names) else [str(run) for run in runs]
-
-
-def rows_of(run):
-    """(split, row count, fingerprint) of the val and test rows a run was scored on."""
-    metrics = common.load_json(run / "metrics.json")
-    try:
-        return tuple((split, metrics["rows"][split], metrics["fingerprints"][split]) for split in ("val", "test"))
-    except KeyError as err:
-        raise common.UserError(f"{run}/metrics.json: no rows or fingerprints for {err}") from None
 
 
 def check_same_rows(runs):
     """All members must have been scored on the same val and test rows, in the same order."""
-    seen = {run: rows_of(run) for run in runs}
+    seen = {run: common.scored_rows(run) for run in runs}
     if len(set(seen.values())) > 1:
         described = "; ".join(f"{run} (" + ", ".join(f"{split} {n} rows {fp}" for split, n, fp in rows) + ")"
                               for run, rows in seen.items())
@@ -94,28 +90,56 @@ def check_same_rows(runs):
                                f"row by row: {described}. Train them with the same data, --val-size and --test-size")
 
 
+def is_vote(run):
+    return common.load_json(run / "config.json").get("script") == "vote"
+
+
+def seed_runs(folder):
+    """{seed: run folder} of a --seeds folder (finished seed<k>/ runs inside), or None for a run folder."""
+    folder = Path(folder)
+    if (folder / "metrics.json").exists():
+        return None
+    seeds = {int(run.name[4:]): run for run in folder.glob("seed*")
+             if run.name[4:].isdigit() and (run / "metrics.json").exists()}
+    if not seeds:
+        raise common.UserError(f"{folder}: no metrics.json and no finished seed<k>/ runs (not a finished run folder)")
+    return seeds
+
+
+def member_groups(paths):
+    """--runs as given -> {seed: [runs]}: {None: runs} for plain run folders; for folders of --seeds
+    runs, one group per seed that every member has, so seed k votes with seed k."""
+    seeded = [seed_runs(p) for p in paths]
+    if all(s is None for s in seeded):
+        return {None: [Path(p) for p in paths]}
+    if any(s is None for s in seeded):
+        raise common.UserError("--runs: give either run folders or folders of --seeds runs (seed<k>/ inside), not both")
+    shared = sorted(set.intersection(*(set(s) for s in seeded)))
+    if not shared:
+        raise common.UserError(f"--runs: no seed is finished in every folder ({', '.join(map(str, paths))})")
+    return {seed: [s[seed] for s in seeded] for seed in shared}
+
+
 def find_members(args):
-    """--runs as given; else the finished runs under runs/ that were scored on the same rows. Where
-    runs of different data settings lie side by side (a --quick run beside full ones), the largest
-    such group votes, the newest on a tie, and the others are named."""
+    """--runs as given (a folder of --seeds runs stands for each of its seeds); else the finished runs
+    under runs/ that were scored on the same rows, saved votes left out. Where runs of different data
+    settings lie side by side (a --quick run beside full ones), the largest such group votes, the
+    newest on a tie, and the others are named. Returns {seed or None: [runs]}."""
     if args.runs:
-        runs = [Path(r) for r in args.runs]
-        for run in runs:
-            if not (run / "metrics.json").exists():
-                raise common.UserError(f"{run}: no metrics.json (not a finished run folder)")
-        return runs
-    runs = common.find_runs(args.root)
+        return member_groups(args.runs)
+    runs = [run for run in common.find_runs(args.root) if not is_vote(run)]
     if not runs:
         raise common.UserError(f"no finished runs under {args.root}/ (train one first, or pass --runs)")
-    groups = {}
-    for run in runs:  # oldest first, so a group's last run is its newest
-        groups.setdefault(rows_of(run), []).append(run)
-    chosen = max(groups.values(), key=lambda group: (len(group), runs.index(group[-1])))
-    left_out = [run for run in runs if run not in chosen]
-    if left_out:
-        print(f"left out (scored on other rows than the {len(chosen)} runs voting): "
-              f"{', '.join(str(r) for r in left_out)}")
-    return chosen
+    return {None: common.largest_group_on_same_rows(runs, "voting")}
+
+
+def need_two(runs):
+    """A vote of one run is that run: say so, and what to train next."""
+    if len(runs) < 2:
+        raise common.UserError(
+            f"voting needs two or more runs scored on the same rows; found one ({runs[0]}). Train another "
+            f"model with the same --train-size/--val-size/--test-size, e.g. `python train_lstm.py --arch "
+            f"bilstm_attn` beside `python train_lora.py --r 8`, then run vote.py again")
 
 
 def load_saved(runs, data_dir):
@@ -139,7 +163,8 @@ def choose_weights(args, runs, saved=None):
 # --------------------------------------------------------------------------------------------------
 # Scoring the saved probabilities
 # --------------------------------------------------------------------------------------------------
-def vote_on_test(args, runs):
+def vote_on_test(args, runs, out=None, seed=None):
+    need_two(runs)
     saved = load_saved(runs, args.data)
     val_probs, test_probs, val_labels, test_labels = saved
     weights, how = choose_weights(args, runs, saved)
@@ -152,25 +177,39 @@ def vote_on_test(args, runs):
     entries.append((f"ensemble, weights {how}", None, ensemble_val, ensemble_test))
 
     name_width = max(len(e[0]) for e in entries)
-    print(f"\n{'':{name_width}}  weight  val loss  test acc  test macro F1   "
+    print(f"\n{'' if seed is None else f'seed {seed}':{name_width}}  weight  val loss  test acc  test macro F1   "
           f"(test: {len(test_labels)} rows of the official test set)")
     for name, weight, val, test in entries:
         scores = common.evaluate(test, test_labels)
         weight_text = f"{weight:6.3f}" if weight is not None else ""
         print(f"{name:{name_width}}  {weight_text:>6}  {common.evaluate(val, val_labels)['loss']:8.4f}  "
               f"{scores['accuracy']:8.4f}  {scores['macro_f1']:13.4f}")
-    if args.out:
-        save_ensemble(args.out, runs, weights, how, ensemble_val, ensemble_test, test_labels)
+    if out:
+        save_vote_run(out, runs, weights, how, seed, ensemble_val, ensemble_test, val_labels, test_labels)
 
 
-def save_ensemble(out, runs, weights, how, val_probs, test_probs, test_labels):
-    """The ensemble's probabilities, as a run folder has them, and what made it. No metrics.json, so
-    find_runs does not take the ensemble for a member of the next vote."""
+def save_vote_run(out, runs, weights, how, seed, val_probs, test_probs, val_labels, test_labels):
+    """The vote as a run-like folder: config.json (script "vote", its members, how the weights were
+    chosen; per seed only the seed differs, so analyze.py --compare groups the seeds as one
+    experiment), val/test probabilities, and metrics.json with the members' rows and fingerprints and
+    their summed training time and parameters. vote.py itself never takes a vote for a member."""
     out = Path(out)
+    first = common.load_json(runs[0] / "config.json").get("args", {})
+    members = [common.load_json(run / "metrics.json") for run in runs]
+    member_names = [str(run.parent if seed is not None else run) for run in runs]
+    config = {"script": "vote", "members": member_names, "weights_from": how, "seed": seed,
+              "args": {k: first.get(k) for k in ("data", "train_size", "val_size", "test_size")}}
+    metrics = {"test": common.evaluate(test_probs, test_labels), "val": common.evaluate(val_probs, val_labels),
+               "weights": dict(zip(map(str, runs), weights.tolist())),
+               "rows": {k: members[0]["rows"][k] for k in ("val", "test")},
+               "fingerprints": {k: members[0]["fingerprints"][k] for k in ("val", "test")},
+               "train_time_s": sum(m.get("train_time_s", 0.0) for m in members)}
+    if all("parameters" in m for m in members):
+        metrics["parameters"] = {k: sum(m["parameters"][k] for m in members) for k in ("total", "trainable")}
     common.save_npy(out / "val_probs.npy", val_probs.astype(np.float32))
     common.save_npy(out / "test_probs.npy", test_probs.astype(np.float32))
-    common.save_json(out / "vote.json", {"runs": [str(r) for r in runs], "weights": weights.tolist(),
-                                         "weights_from": how, "test": common.evaluate(test_probs, test_labels)})
+    common.save_json(out / "config.json", config)
+    common.save_json(out / "metrics.json", metrics)  # last: a folder with metrics.json is finished
     print(f"saved {out}/")
 
 
@@ -258,6 +297,8 @@ def vote_on_texts(args, runs):
     texts = [text for _, text in cases]
 
     weights, how = choose_weights(args, runs)
+    if len(runs) == 1:
+        print(f"one run ({runs[0]}): its verdicts alone; a vote needs two or more")
     runtime = common.setup_runtime(args.device)
     member_probs = classify(runs, texts, runtime)
     ensemble = ensemble_probs(member_probs, weights)
@@ -280,8 +321,8 @@ def vote_on_texts(args, runs):
         print("* = differs from the given label")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     parser.add_argument("--runs", nargs="+", help="run folders (default: every finished run under --root)")
     parser.add_argument("--root", default="runs", help="where to look for runs when --runs is not given")
     parser.add_argument("--weights", help="weights by hand, one per run in order, e.g. 0.6,0.4 (normalised to sum 1)")
@@ -289,16 +330,25 @@ def main(argv=None):
     parser.add_argument("--text", action="append", help="classify this text (repeatable)")
     parser.add_argument("--file", help="classify the texts in this file: one a line; or, in a .csv file or under "
                                        "a label,text header, label,text rows whose hits are counted")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", help="with the test vote: also save the ensemble's val/test probabilities "
-                                      "and weights here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="for --text/--file: auto = cuda when a GPU is visible")
+    parser.add_argument("--out", help="with the test vote: save the vote as a run-like folder here (per seed: "
+                                      "<out>/seed<k>/), for analyze.py --compare")
+    return parser
 
-    runs = find_members(args)
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+
+    groups = find_members(args)
     if args.text or args.file:
+        seed, runs = next(iter(groups.items()))
+        if seed is not None:
+            print(f"members: the seed {seed} runs of each folder")
         vote_on_texts(args, runs)
-    else:
-        vote_on_test(args, runs)
+        return
+    for seed, runs in groups.items():
+        out = args.out and (Path(args.out) / f"seed{seed}" if seed is not None else Path(args.out))
+        vote_on_test(args, runs, out, seed)
 
 
 if __name__ == "__main__":

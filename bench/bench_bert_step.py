@@ -18,19 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-
-GEOMETRY = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-            "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)}
-
-
-def model_folder(args, tmp):
-    """The model to compare on: --model's folder, or random weights of a known geometry saved in
-    HuggingFace layout, so both implementations load the very same file."""
-    if not args.random_init:
-        return common.resolve_model(args.model)
-    import transformers
-    transformers.BertModel(transformers.BertConfig(**GEOMETRY[args.random_init])).save_pretrained(tmp)
-    return Path(tmp)
+from bench.models import GEOMETRIES, model_folder  # noqa: E402
 
 
 def synchronize(device):
@@ -111,7 +99,7 @@ def compare_bucketing(args, folder, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm")
-    parser.add_argument("--random-init", choices=list(GEOMETRY), help="random weights of this geometry")
+    parser.add_argument("--random-init", choices=list(GEOMETRIES), help="random weights of this geometry")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--batch", type=int, default=32)
@@ -123,7 +111,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = model_folder(args, tmp)
+        folder = model_folder(args.model, GEOMETRIES.get(args.random_init), tmp)
         compare_steps(args, folder, device)
         if args.rows:
             compare_bucketing(args, folder, device)

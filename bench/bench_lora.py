@@ -30,12 +30,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import train_lora  # noqa: E402
+from bench.models import GEOMETRIES  # noqa: E402
 
-# Shapes of the two models of the study, for --random-init (the GPU machine has no model files).
-GEOMETRIES = {
-    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-}
 GOAL = 0.55  # LoRA peak training memory at most 55% of full fine-tuning on a GPU (the study measured 49%)
 
 

@@ -6,10 +6,12 @@
 #
 #   1. the fused Triton attention-pooling kernel: correctness on every shape, then speed against
 #      eager torch and torch.compile, in GB/s against the card's copy bandwidth
-#   2. a training step of our BERT vs transformers on the same card, and length bucketing vs padding
+#   2. "what makes fine-tuning fast" (bench/speed_ablation.py): padding to max_len -> bucketing, AMP,
+#      SDPA, fused AdamW, no per-step sync, torch.compile, trick by trick, with transformers as the
+#      peer in the same run, model FLOPs utilisation, and the study's run projected: MiniLM, bert-base
 #   3. peak memory of full fine-tuning vs LoRA (the study: 1.66 -> 0.81 GB allocated)
-#   4. the experiments on every training row found: heads, LoRA, attnpool with and without the
-#      penalty, LSTMs, the vote, the analysis figures
+#   4. with the budget left, the study's table (study.sh full, one seed by default: STUDY_SEEDS):
+#      heads, LoRA, attnpool with and without the penalty, LSTMs, the vote, analyze.py --compare
 # Each step has its own time limit and the whole a budget (BUDGET_S), most important first: what does
 # not fit is skipped and said so, never left half-written.
 set -uo pipefail
@@ -40,24 +42,22 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
 
 step "kernel: attn_pool bench" 200 python3 bench/bench_attn_pool.py
-step "step: ours vs transformers" 60 python3 bench/bench_bert_step.py --device cuda --amp --model "$MODEL" --steps 20 --rows 4000
+# The ablation, sized for ~100 s each on an H100 (MiniLM step 10.8 ms at 32 x 128 bf16 on an H200):
+# 10 settings x (1 warm-up + 2 timed passes) of 32 or 16 steps at ~5-60 ms is ~10-20 s; the rest is
+# start-up (~15 s, bert-base ~25 s: random weights written and read) and torch.compile (~40-70 s).
+# --max-seconds drops a timed round rather than let the step's limit cut the table off.
+step "ablation: minilm" 120 python3 bench/speed_ablation.py --device cuda --model "$MODEL" \
+  --rows 1024 --rounds 2 --max-seconds 100
+step "ablation: bert-base" 150 python3 bench/speed_ablation.py --device cuda --random-init bert-base \
+  --rows 512 --rounds 2 --max-seconds 130
 step "memory: LoRA vs full (bert-base)" 60 python3 bench/bench_lora.py --device cuda --random-init bert-base
 step "memory: LoRA vs full (minilm)" 40 python3 bench/bench_lora.py --device cuda --random-init minilm
 
-COMMON=(--model "$MODEL" --device cuda)
-step "train_bert pooler" 90 python3 train_bert.py "${COMMON[@]}" --head pooler --out "$RUNS/bert_pooler"
-step "train_lora r8" 90 python3 train_lora.py "${COMMON[@]}" --r 8 --out "$RUNS/lora_r8"
-step "analyze tfidf" 30 python3 analyze.py --run "$RUNS/bert_pooler" --tfidf --report --confusion --errors
-step "train_bert attnpool" 90 python3 train_bert.py "${COMMON[@]}" --head attnpool --out "$RUNS/bert_attnpool"
-step "train_bert attnpool+penalty" 90 python3 train_bert.py "${COMMON[@]}" --head attnpool \
-  --penalty-words "$RUNS/bert_pooler/analysis/penalty_words.json" --penalty 2.0 --out "$RUNS/bert_attnpool_penalty"
-step "train_lstm bilstm_attn" 60 python3 train_lstm.py --device cuda --arch bilstm_attn --out "$RUNS/bilstm_attn"
-step "train_lstm lstm" 60 python3 train_lstm.py --device cuda --arch lstm --out "$RUNS/lstm"
-step "vote bilstm_attn + lora" 30 python3 vote.py --runs "$RUNS/bilstm_attn" "$RUNS/lora_r8"
-for head in fc lstm textcnn mlp_res; do
-  step "train_bert $head" 90 python3 train_bert.py "${COMMON[@]}" --head "$head" --out "$RUNS/bert_$head"
-done
-step "vote all" 30 python3 vote.py --runs "$RUNS"/*
+# Last, the study's table (study.sh full: every head, LoRA, LSTMs, penalty, vote, --compare) with what
+# is left of the budget: one seed by default (STUDY_SEEDS), several side by side on the card. It is
+# resumable, so a later call with SEEDS=0,1,2 bash study.sh full adds the other seeds.
+step "study full (seeds ${STUDY_SEEDS:-0})" 600 env ROOT="$RUNS/study" SEEDS="${STUDY_SEEDS:-0}" \
+  EXTRA="--model $MODEL" bash study.sh full
 
 # What comes back: metrics, probabilities and analysis of every run; no weights.
 tar czf "$OUT/runs.tgz" --exclude='*.safetensors' -C "$OUT" runs
@@ -67,7 +67,14 @@ rm -rf "$RUNS"
   echo
   echo "=== summary ($((SECONDS - START)) s)"
   printf '%s\n' "${STATUS[@]}"
+  for name in minilm bert-base; do  # the ablation's tables again, for README
+    echo
+    echo "speed ablation, $name:"
+    awk -v step="=== ablation: $name " 'index($0, step) == 1 {on = 1; next} /^=== / {on = 0}
+      on && /^(\||peer:|each at|fastest|projected|host syncs|model:|device:|data:)/' "$LOG"
+  done
   echo
+  [ -f "$RUNS/study/compare.md" ] && cat "$RUNS/study/compare.md"
   printf '%-28s %8s %8s %9s %10s\n' run test_acc macro_f1 train_s samples/s
   python3 - "$OUT/runs.tgz" <<'PY'
 import json, sys, tarfile

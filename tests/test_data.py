@@ -166,4 +166,4 @@ def test_a_download_that_fails_its_checksum_leaves_nothing_behind(tmp_path, monk
     fake_release(tmp_path, monkeypatch, '"1","other","rows"\n')
     with pytest.raises(common.UserError, match="differs from the official test set"):
         common.find_data_dir()
-    assert list((tmp_path / "data/ag_news").iterdir()) == []
+    assert not (tmp_path / "data").exists()  # no empty data/ag_news/ left for the next run to stumble on

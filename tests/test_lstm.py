@@ -2,13 +2,13 @@
 cost, attention ignores padding, the word tokenizer truncates right, and a saved run reloads and
 resumes to the same probabilities."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import common
+from conftest import Killed, die_after_epoch_1
 import train_lstm
 
 AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
@@ -143,21 +143,13 @@ def test_saved_run_reloads_to_its_test_probs(tiny_lstm_run):
     assert common.evaluate(saved, splits["test"].labels)["accuracy"] > 0.4  # it learned: chance is 0.25
 
 
-class Killed(Exception):
-    pass
-
-
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
     flags = ["--arch", "bilstm_attn", "--train-size", "400", "--val-size", "100", "--test-size", "100",
              "--epochs", "2", "--embed-dim", "16", "--hidden-size", "16", "--max-len", "32"]
     whole = train(tmp_path / "whole", *flags)
 
     save_weights = common.save_weights
-    def save_weights_then_die_after_epoch_1(path, tensors, metadata=None):
-        save_weights(path, tensors, metadata)
-        if Path(path).name == common.RESUME_FILE and json.loads(metadata["progress"])["epoch"] == 1:
-            raise Killed
-    monkeypatch.setattr(common, "save_weights", save_weights_then_die_after_epoch_1)
+    die_after_epoch_1(monkeypatch)
     with pytest.raises(Killed):
         train(tmp_path / "cut", *flags)
     monkeypatch.setattr(common, "save_weights", save_weights)

@@ -137,8 +137,17 @@ def test_vote_scores_members_and_ensemble_on_the_saved_rows(tiny_lstm_run, tmp_p
     assert rows["knows"][1] == 1.0 and rows["lstm"][1] < 0.9
     assert weights[1] > 0.9                                  # validation prefers the member that knows
 
-    saved = json.loads((tmp_path / "vote" / "vote.json").read_text())
-    assert saved["weights"] == pytest.approx(weights.tolist()) and not (tmp_path / "vote" / "metrics.json").exists()
+    config = json.loads((tmp_path / "vote" / "config.json").read_text())
+    saved = json.loads((tmp_path / "vote" / "metrics.json").read_text())
+    assert config["script"] == "vote" and config["members"] == [str(lstm), str(knows)]
+    assert list(saved["weights"].values()) == pytest.approx(weights.tolist())
+    assert saved["fingerprints"] == {k: json.loads((lstm / "metrics.json").read_text())["fingerprints"][k]
+                                     for k in ("val", "test")}
+    assert saved["test"] == pytest.approx(common.evaluate(expected["ensemble, weights fitted on val"],
+                                                          splits["test"].labels))
+    # A saved vote is a run for analyze.py, never a member of the next bare vote.
+    members = vote.find_members(argparse.Namespace(runs=None, root=str(tmp_path)))
+    assert list(members) == [None] and set(members[None]) == {lstm, knows}
     np.testing.assert_allclose(np.load(tmp_path / "vote" / "test_probs.npy"),
                                expected["ensemble, weights fitted on val"], atol=1e-6)
 
@@ -171,7 +180,7 @@ def test_bare_vote_takes_the_largest_group_scored_on_the_same_rows(tiny_lstm_run
     metrics = json.loads((quick / "metrics.json").read_text())
     metrics["fingerprints"]["val"] = "f" * 16
     common.save_json(quick / "metrics.json", metrics)
-    assert sorted(vote.find_members(argparse.Namespace(runs=None, root=str(root)))) == same
+    assert sorted(vote.find_members(argparse.Namespace(runs=None, root=str(root)))[None]) == same
     assert f"left out (scored on other rows than the 2 runs voting): {quick}" in capsys.readouterr().out
 
 
@@ -236,3 +245,31 @@ def test_case_files_are_read_or_refused_with_file_and_line(tmp_path):
     bad.write_bytes(b"1,fine\n2,not \xff utf-8\n")
     with pytest.raises(common.UserError, match=r"bad\.csv:2: bytes that are not UTF-8"):
         vote.read_cases(bad)
+
+
+def test_one_run_is_not_a_vote(tiny_lstm_run, tmp_path):
+    with pytest.raises(common.UserError, match="voting needs two or more runs") as err:
+        vote.main(["--runs", str(tiny_lstm_run)])
+    assert "train_lstm.py" in str(err.value)  # and says what to train next
+    root = tmp_path / "runs"
+    copy_run(tiny_lstm_run, root / "only")
+    with pytest.raises(common.UserError, match="found one"):
+        vote.main(["--root", str(root)])
+
+
+def test_seed_k_votes_with_seed_k_into_a_run_like_folder(tiny_lstm_run, tmp_path, capsys):
+    """Folders of --seeds runs: each seed present in every member votes on its own, and is saved as
+    <out>/seed<k>/, a folder whose config differs from the other seeds' only in the seed."""
+    for member in ("a", "b"):
+        for seed in (0, 2):
+            copy_run(tiny_lstm_run, tmp_path / member / f"seed{seed}")
+    copy_run(tiny_lstm_run, tmp_path / "a" / "seed1")  # a seed only one member has does not vote
+    vote.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "vote")])
+    assert sorted(p.name for p in (tmp_path / "vote").iterdir()) == ["seed0", "seed2"]
+    configs = [json.loads((tmp_path / "vote" / s / "config.json").read_text()) for s in ("seed0", "seed2")]
+    assert [c.pop("seed") for c in configs] == [0, 2] and configs[0] == configs[1]
+    assert configs[0]["members"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    out = capsys.readouterr().out
+    assert "seed 0" in out and "seed 2" in out and "seed 1" not in out
+    with pytest.raises(common.UserError, match="not both"):
+        vote.main(["--runs", str(tmp_path / "a"), str(tiny_lstm_run)])

@@ -1,0 +1,280 @@
+"""Export a finished run to a HuggingFace model folder that `transformers` (and `peft`) load as it is.
+
+    python export.py runs/bert_pooler hf/agnews-bert                # full fine-tune, --head pooler
+    python export.py runs/lora_r8_pooler hf/agnews-lora --peft      # LoRA: merged, and as a peft adapter
+
+    from transformers import pipeline
+    classify = pipeline("text-classification", model="hf/agnews-bert", top_k=None, truncation=True)
+    classify("Oil climbs as OPEC cuts output")   # [[{'label': ..., 'score': ...}, ...]]: 4 classes, best first
+
+What DIR holds (a BertForSequenceClassification, what AutoModelForSequenceClassification builds):
+  config.json            the encoder's sizes, id2label = the four class names, the run's dropout
+  model.safetensors      every weight under HuggingFace's name (common.hf_names: the map we load
+                         pretrained weights through, read the other way); a LoRA run's update B A is
+                         merged into the weights, so the folder is an ordinary model
+  tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json
+                         the model's own lowercasing WordPiece, model_max_length = the run's --max-len
+With --peft (LoRA runs), two more folders inside DIR:
+  adapter/               adapter_config.json + adapter_model.safetensors: A and B of every adapted
+                         layer under peft's names, the trained classifier as modules_to_save
+  base/                  the pretrained model the adapter goes on, with a classifier of zeros (every
+                         class 0.25): the adapter brings the trained one. adapter_config.json names it
+                         by absolute path; after moving DIR, pass the base model yourself:
+    base = AutoModelForSequenceClassification.from_pretrained("hf/agnews-lora/base")
+    model = peft.PeftModel.from_pretrained(base, "hf/agnews-lora/adapter")
+
+Only BERT runs with --head pooler export: that head (pooler -> dropout -> linear) is exactly
+BertForSequenceClassification. transformers has no class for our other heads or for the LSTMs.
+truncation=True: the run read at most --max-len tokens of a text ([CLS] ... [SEP]); transformers cuts
+a text the same way, but only when asked. Without it, a longer text is read whole and may be
+classified differently.
+
+DIR is built in a temp folder beside it and renamed into place, so it appears whole or not at all;
+an existing DIR is kept unless --force.
+"""
+import argparse
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import common
+import train_lora
+
+ADAPTER_DIR = "adapter"
+BASE_DIR = "base"
+# The special tokens of BERT's WordPiece vocabularies (common.load_tokenizer assumes them too).
+SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                  "mask_token": "[MASK]"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Which runs export
+# --------------------------------------------------------------------------------------------------
+def check_exportable(run_dir, peft):
+    """The run's config.json, if transformers has a class for what it trained; else one clear line.
+    Read before any weight is loaded, so a refusal costs nothing."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise common.UserError(f"{run_dir}: no config.json (not a finished run folder)")
+    config = common.load_json(run_dir / "config.json")
+    script = config.get("script")
+    if script == "train_lstm":
+        raise common.UserError(f"{run_dir} is a train_lstm.py run ({config.get('arch', 'lstm')}): HuggingFace "
+                               f"transformers has no model class for our LSTMs; only BERT runs with --head pooler export")
+    if script not in ("train_bert", "train_lora"):
+        raise common.UserError(f"{run_dir}/config.json: unknown key script={script!r}")
+    if config.get("head") != "pooler":
+        raise common.UserError(f"{run_dir} has --head {config.get('head')}: HuggingFace transformers has no model "
+                               f"class for that head; only --head pooler runs export (as BertForSequenceClassification)")
+    if peft and script != "train_lora":
+        raise common.UserError(f"--peft: {run_dir} is a full fine-tune (train_bert.py), it has no LoRA adapter")
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# A BertForSequenceClassification folder
+# --------------------------------------------------------------------------------------------------
+def hf_config(bert_config, run_config):
+    """config.json of BertForSequenceClassification: our encoder's sizes, the class names, the head's dropout."""
+    return {"architectures": ["BertForSequenceClassification"], "model_type": "bert",
+            **asdict(bert_config),
+            "hidden_act": "gelu", "position_embedding_type": "absolute",  # all our encoder implements
+            "classifier_dropout": run_config["dropout"],
+            "problem_type": "single_label_classification",
+            "id2label": {str(i): name for i, name in enumerate(common.CLASS_NAMES)},
+            "label2id": {name: i for i, name in enumerate(common.CLASS_NAMES)}}
+
+
+def encoder_tensor(bert, name):
+    """Our parameter `name` (e.g. layers.0.attn.query.weight) of a BertModel, LoRA or not."""
+    module_name, attr = name.rsplit(".", 1)
+    module = bert.get_submodule(module_name)
+    if isinstance(module, train_lora.LoRALinear):
+        assert module.merged, "train_lora.load_model merges: base.weight holds W + B A * alpha/r"
+        module = module.base
+    return getattr(module, attr)
+
+
+def hf_state(bert, classifier_weight, classifier_bias):
+    """BertForSequenceClassification's state: the encoder under "bert." + HF's names, then the classifier."""
+    state = {f"bert.{hf}": encoder_tensor(bert, ours)
+             for ours, hf in common.hf_names(bert.config.num_hidden_layers).items()}
+    state["classifier.weight"] = classifier_weight   # (4, D)
+    state["classifier.bias"] = classifier_bias       # (4,)
+    return {k: v.detach().float() for k, v in state.items()}
+
+
+def write_model(folder, bert, classifier_weight, classifier_bias, run_config):
+    """config.json and model.safetensors: what AutoModelForSequenceClassification.from_pretrained reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    common.save_json(folder / "config.json", hf_config(bert.config, run_config))
+    # format=pt: transformers reads the metadata to know the tensors are PyTorch's
+    common.save_weights(folder / "model.safetensors", hf_state(bert, classifier_weight, classifier_bias),
+                        metadata={"format": "pt"})
+
+
+def write_tokenizer(folder, model_dir, max_len):
+    """The model's own tokenizer files, set up as we use them: AutoTokenizer then gives the ids
+    common.encode gives (with truncation=True, cut at the run's max_len keeping the final [SEP])."""
+    from tokenizers import Tokenizer
+    model_dir = Path(model_dir)
+    if not ((model_dir / "tokenizer.json").exists() or (model_dir / "vocab.txt").exists()):
+        raise common.UserError(f"{model_dir}: needs tokenizer.json or vocab.txt")
+    if (model_dir / "tokenizer.json").exists():
+        # A shipped tokenizer.json may carry fixed padding and truncation (MiniLM's: 128); we pad per
+        # batch and cut at the run's max_len, so drop both, as common.load_tokenizer does.
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        tokenizer.save(str(folder / "tokenizer.json"))
+    for name in ("vocab.txt", "special_tokens_map.json"):  # vocab.txt: for the slow BertTokenizer
+        if (model_dir / name).exists():
+            shutil.copyfile(model_dir / name, folder / name)
+    # Uncased WordPiece, as common.load_tokenizer builds it from vocab.txt (lowercase=True).
+    common.save_json(folder / "tokenizer_config.json",
+                     {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "strip_accents": None,
+                      "tokenize_chinese_chars": True, "model_max_length": max_len, **SPECIAL_TOKENS})
+
+
+# --------------------------------------------------------------------------------------------------
+# A peft adapter folder
+# --------------------------------------------------------------------------------------------------
+def hf_module_name(i, target):
+    """--targets name -> HF's name of that nn.Linear in layer i (ffn_out -> encoder.layer.{i}.output.dense)."""
+    return common.HF_NAMES[f"layers.{{i}}.{train_lora.TARGETS[target]}.weight"].removesuffix(".weight").format(i=i)
+
+
+def peft_target_pattern(targets):
+    """peft's target_modules as one regular expression that peft full-matches against module names.
+    A list of names would not do: peft takes a list entry as a suffix, and "output.dense" (ffn_out)
+    is a suffix of "attention.output.dense" (out) too."""
+    alternatives = [re.escape(hf_module_name("{i}", t)).replace(re.escape("{i}"), r"\d+") for t in targets]
+    return rf"bert\.({'|'.join(alternatives)})"
+
+
+def adapter_config(config, base_path):
+    """adapter_config.json; peft fills in its defaults for every other key."""
+    return {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": str(base_path),
+            "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config["lora_dropout"],
+            "target_modules": peft_target_pattern(config["targets"]), "modules_to_save": ["classifier"],
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "init_lora_weights": True, "inference_mode": True}
+
+
+def adapter_state(model, targets):
+    """LoRA's A (r, in) and B (out, r) of every adapted layer, and the classifier, under the names
+    peft saves them with (its adapter name "default" left out, as PeftModel.save_pretrained does).
+    peft computes x A^T B^T * lora_alpha/r, the same as train_lora.LoRALinear."""
+    state = {}
+    for i, layer in enumerate(model.bert.layers):
+        for target in targets:
+            lora = layer.get_submodule(train_lora.TARGETS[target])
+            prefix = f"base_model.model.bert.{hf_module_name(i, target)}"
+            state[f"{prefix}.lora_A.weight"] = lora.lora_A
+            state[f"{prefix}.lora_B.weight"] = lora.lora_B
+    state["base_model.model.classifier.weight"] = model.classifier.weight
+    state["base_model.model.classifier.bias"] = model.classifier.bias
+    return {k: v.detach().float() for k, v in state.items()}
+
+
+def write_adapter(folder, model, config, base_path):
+    folder.mkdir(parents=True, exist_ok=True)
+    common.save_json(folder / "adapter_config.json", adapter_config(config, base_path))
+    common.save_weights(folder / "adapter_model.safetensors", adapter_state(model, config["targets"]),
+                        metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a folder whole or not at all
+# --------------------------------------------------------------------------------------------------
+@contextmanager
+def folder_written_atomically(out, force):
+    """Yield a temp folder beside `out`; when the block ends without error, it becomes `out` by a
+    rename. On any error the temp folder (and any parent folder made for it) is removed, and an old
+    `out` stays as it was. With force, an old `out` is renamed aside, the new one renamed in, then
+    the old one deleted: the one moment without `out` is between two renames."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise common.UserError(f"{out} already exists: pass --force to replace it")
+    created = [d for d in out.parents if not d.exists()]  # innermost first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = None
+    try:
+        yield tmp
+        permissions_as_usual(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / out.name)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if old is not None:  # put the old one back
+                os.replace(old / out.name, out)
+            raise
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover)
+        for folder in created:  # still empty only when the export failed
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def permissions_as_usual(folder):
+    """mkdtemp makes an owner-only folder (0700); a folder made to be shared gets what mkdir and open
+    would have given it: 0777 and 0666, less the umask."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~common.UMASK)
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser.add_argument("run", help="a finished run folder, e.g. runs/bert_pooler")
+    parser.add_argument("out", help="the HuggingFace model folder to write")
+    parser.add_argument("--peft", action="store_true",
+                        help=f"LoRA runs: also write the adapter for peft ({ADAPTER_DIR}/) and the base model "
+                             f"it goes on ({BASE_DIR}/) inside the folder")
+    parser.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    run_dir, out = Path(args.run), Path(args.out)
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+        raise common.UserError(f"{out}: that would replace the run folder {run_dir} itself; choose another folder")
+    if out.exists() and not args.force:  # before the slow part; checked again when writing
+        raise common.UserError(f"{out} already exists: pass --force to replace it")
+
+    check_exportable(run_dir, args.peft)
+    model, _, config = common.load_run(run_dir)   # a LoRA run comes back merged
+    model_dir = common.resolve_model(config["model"])
+    with folder_written_atomically(out, args.force) as tmp:
+        write_model(tmp, model.bert, model.classifier.weight, model.classifier.bias, config)
+        write_tokenizer(tmp, model_dir, config["max_len"])
+        if args.peft:
+            base = common.BertModel.from_pretrained(model_dir)
+            zeros = torch.zeros_like(model.classifier.weight), torch.zeros_like(model.classifier.bias)
+            write_model(tmp / BASE_DIR, base, *zeros, config)
+            write_tokenizer(tmp / BASE_DIR, model_dir, config["max_len"])
+            write_adapter(tmp / ADAPTER_DIR, model, config, out.resolve() / BASE_DIR)
+    merged = " (LoRA merged)" if config["script"] == "train_lora" else ""
+    print(f"saved {out}/: BertForSequenceClassification{merged}, labels {', '.join(common.CLASS_NAMES)}, "
+          f"model_max_length {config['max_len']}")
+    if args.peft:
+        print(f"saved {out / ADAPTER_DIR}/: peft LoRA adapter (r {config['r']}, {','.join(config['targets'])}) "
+              f"for the base model in {out / BASE_DIR}/")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,60 @@
+"""study.sh, the study's table in one command: on a few rows and two seeds it trains every experiment,
+votes seed k with seed k, writes the comparison; run again, it trains nothing; it stops at a failure."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from conftest import save_bert_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = {"bert_pooler", "bert_fc", "bert_lstm", "bert_textcnn", "bert_mlp_res", "bert_attnpool",
+               "bert_attnpool_penalty", "lora_r8", "lstm", "bilstm_attn", "vote_bilstm_attn+lora"}
+# Flags after the preset's own win (argparse takes the last): a tiny study on a tiny random BERT, so
+# that what is tested is the script (every step, seeds, resumption), not MiniLM's speed.
+TINY = "--train-size 64 --val-size 120 --test-size 120 --max-len 32 --batch-size 16"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 1-layer BERT of hidden size 32 with MiniLM's vocabulary, as a --model folder."""
+    torch.manual_seed(0)
+    config = common.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)
+    return save_bert_folder(common.BertModel(config), tmp_path_factory.mktemp("tiny_model"))
+
+
+def study(tmp_path, model, extra=TINY):
+    env = {**os.environ, "AGNEWS_DIR": str(common.find_data_dir()), "ROOT": str(tmp_path / "study"),
+           "SEEDS": "0,1", "EXTRA": f"{extra} --model {model}"}
+    return subprocess.run(["bash", str(ROOT / "study.sh"), "quick"], env=env, capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_the_study_runs_whole_then_resumes_to_nothing(tmp_path, tiny_model):
+    done = study(tmp_path, tiny_model)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    root = tmp_path / "study"
+    for name in EXPERIMENTS:
+        for seed in (0, 1):
+            assert common.is_finished(root / name / f"seed{seed}"), f"{name}/seed{seed}"
+    table = (root / "compare.md").read_text().splitlines()
+    assert len([line for line in table if line.startswith("| ") and "---" not in line]) == 1 + len(EXPERIMENTS)
+    assert (root / "compare.png").exists() and (root / "compare.csv").exists()
+    assert "baseline" in next(line for line in table if line.startswith("| bert_pooler |"))
+
+    mtimes = {p: p.stat().st_mtime for p in root.rglob("metrics.json") if "vote" not in str(p)}
+    again = study(tmp_path, tiny_model)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes          # nothing trained again
+    assert "is finished, kept" in (root / "logs" / "bert_pooler.log").read_text()
+
+
+def test_the_study_stops_at_the_first_failure(tmp_path, tiny_model):
+    done = study(tmp_path, tiny_model, extra=TINY + " --no-such-flag")
+    assert done.returncode != 0
+    assert "FAILED: bert_pooler" in done.stderr
+    assert not (tmp_path / "study" / "bert_fc").exists()
