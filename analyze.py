@@ -28,7 +28,6 @@ import argparse
 import csv
 import json
 import math
-import re
 import textwrap
 from dataclasses import dataclass
 from functools import cache, cached_property
@@ -68,8 +67,7 @@ WORD_PATTERN = r"(?u)\b[^\W\d_]{2,}\b"
 def save_figure(fig, path):
     """Write at a fixed DPI and no 'tight' cropping, so a figure's pixel size is its inches * DPI."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    common.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
     plt.close(fig)
     print(f"wrote {path}")
     return path
@@ -79,7 +77,8 @@ def save_figure(fig, path):
 # The run: config, metrics, its test split and probabilities, its model (each loaded when first used)
 # --------------------------------------------------------------------------------------------------
 def newest_run(root="runs"):
-    runs = common.find_runs(root)
+    """The newest finished training run under root (a saved vote has no model: name it with --run)."""
+    runs = [run for run in common.find_runs(root) if common.load_json(run / "config.json").get("script") != "vote"]
     if not runs:
         raise common.UserError(f"no finished run under {root}/: pass --run runs/NAME")
     return runs[-1]
@@ -1050,16 +1049,12 @@ def experiment_key(config):
     return json.dumps({**rest, "args": args}, sort_keys=True, default=str)
 
 
-def experiment_folder(run):
-    """runs/<name>/seed<k> -> runs/<name>; a plain run is its own folder."""
-    return run.parent if re.fullmatch(r"seed\d+", run.name) else run
-
-
 @dataclass
 class Experiment:
     name: str
-    runs: list                      # run folders, one per seed
+    runs: list                      # run folders, one per seed, in the order of `seeds`
     config: dict
+    seeds: list                     # the seed of each run
 
     @cached_property
     def metrics(self):
@@ -1083,23 +1078,31 @@ def gather_experiments(paths):
     if not runs:
         raise common.UserError(f"--compare: no finished runs under {', '.join(map(str, paths))}")
     runs = common.largest_group_on_same_rows(runs, "compared")
-    groups = {}
-    for run in runs:
+    groups, seen = {}, {}
+    for run in reversed(runs):  # newest first: of two runs of one experiment with one seed, the newer counts
         config = common.load_json(run / "config.json")
-        groups.setdefault(experiment_key(config), (config, []))[1].append(run)
+        key, seed = experiment_key(config), config.get("seed", config.get("args", {}).get("seed"))
+        if (key, seed) in seen:
+            print(f"left out: {run} (seed {seed} of the experiment of {seen[key, seed]}, which is newer)")
+            continue
+        seen[key, seed] = run
+        groups.setdefault(key, (config, []))[1].append((seed, run))
     experiments, names = [], set()
     for config, members in groups.values():
-        name = experiment_folder(members[0]).name
+        name = common.experiment_folder(members[0][1]).name
         while name in names:  # two configurations under one folder name: tell them apart
             name += "'"
         names.add(name)
-        experiments.append(Experiment(name, sorted(members, key=lambda r: r.name), config))
-    return experiments
+        members.sort(key=lambda seed_run: (seed_run[0] is None, seed_run[0] or 0))
+        experiments.append(Experiment(name, [run for _, run in members], config, [seed for seed, _ in members]))
+    trained = {run: i for i, run in enumerate(runs)}
+    return sorted(experiments, key=lambda e: min(trained[run] for run in e.runs))  # the order they were trained
 
 
 def macro_f1_from_counts(counts):
-    """counts (..., 4, 4) confusion counts, rows true -> macro F1 (...,), as sklearn: a class with no
-    true and no predicted row scores 0."""
+    """counts (..., 4, 4) confusion counts, rows true -> macro F1 (...,) over all four classes, as
+    sklearn's f1_score(average="macro", labels=range(4)): a class with no true and no predicted row
+    scores 0."""
     tp = np.diagonal(counts, axis1=-2, axis2=-1)
     fp, fn = counts.sum(-2) - tp, counts.sum(-1) - tp
     denominator = 2 * tp + fp + fn
@@ -1116,28 +1119,35 @@ def bootstrap_f1(preds, labels, weights):
     return macro_f1_from_counts(counts.reshape(*counts.shape[:2], common.NUM_CLASSES, common.NUM_CLASSES))
 
 
-def paired_bootstrap(preds_a, preds_b, labels, samples=BOOTSTRAP_SAMPLES, seed=0):
+def paired_bootstrap(preds_a, preds_b, labels, samples=BOOTSTRAP_SAMPLES, seed=0, paired_seeds=False):
     """95% interval of mean macro F1 of A minus that of B. preds_a (Ra, N), preds_b (Rb, N): the test
     predictions of each experiment's seeds.
 
     How seeds enter: each resample draws the test rows with replacement (the same rows for both: the
     pairing, which removes the variation the two share, that of which texts happen to be in the test
-    set), and, independently for each experiment, its seeds with replacement; the statistic is the
-    mean macro F1 over the drawn seeds. So the interval holds both the test set's sampling noise and
-    the seed-to-seed noise of training. With 3 seeds the second is estimated crudely (resampling n
-    values understates their variance by (n-1)/n): more seeds, a truer interval.
+    set), and the seeds with replacement; the statistic is the mean macro F1 over the drawn seeds. So
+    the interval holds both the test set's sampling noise and the seed-to-seed noise of training.
+    With paired_seeds (both ran the same seeds, row k of each trained with seed k: the same batch
+    order, the same random head at the start) seed k of A is drawn with seed k of B, which removes
+    the part of the seed noise the two share, as drawing the same test rows does for the rows; else
+    each experiment's seeds are drawn on their own. With 3 seeds the seed noise is estimated crudely
+    (resampling n values understates their variance by (n-1)/n): more seeds, a truer interval.
     Returns (observed difference, low, high)."""
     rng = np.random.default_rng(seed)
     n = len(labels)
     weights = rng.multinomial(n, np.full(n, 1.0 / n), size=samples).astype(np.float64)   # (B, N)
     f1_a, f1_b = bootstrap_f1(preds_a, labels, weights), bootstrap_f1(preds_b, labels, weights)
     pick_a = rng.integers(0, len(preds_a), size=(samples, len(preds_a)))
-    pick_b = rng.integers(0, len(preds_b), size=(samples, len(preds_b)))
+    pick_b = pick_a if paired_seeds else rng.integers(0, len(preds_b), size=(samples, len(preds_b)))
     diffs = (np.take_along_axis(f1_a, pick_a, 1).mean(1) - np.take_along_axis(f1_b, pick_b, 1).mean(1))
-    observed = (np.mean([f1_score(labels, p, average="macro") for p in preds_a])
-                - np.mean([f1_score(labels, p, average="macro") for p in preds_b]))
+    observed = np.mean([macro_f1(labels, p) for p in preds_a]) - np.mean([macro_f1(labels, p) for p in preds_b])
     low, high = np.percentile(diffs, [2.5, 97.5])
     return float(observed), float(low), float(high)
+
+
+def macro_f1(labels, preds):
+    """Macro F1 over all four classes, also where a small test sample lacks one."""
+    return f1_score(labels, preds, average="macro", labels=range(common.NUM_CLASSES))
 
 
 def mcnemar_exact(right_a, right_b):
@@ -1151,9 +1161,10 @@ def mcnemar_exact(right_a, right_b):
 
 
 def majority_right(preds, labels):
-    """(N,) bool: the row is right for an experiment when more than half of its seeds get it right.
-    McNemar needs one right/wrong per row and experiment; the majority keeps it a statement about the
-    experiment's typical model (with one seed it is that run)."""
+    """(N,) bool: the row is right for an experiment when more than half of its seeds get it right (a
+    tie, with an even number of seeds, counts as wrong). McNemar needs one right/wrong per row and
+    experiment. The majority of seeds is itself a little more accurate than a typical seed, so the p
+    describes that majority; the interval describes the mean over seeds (with one seed they agree)."""
     return (preds == labels).mean(0) > 0.5
 
 
@@ -1175,8 +1186,8 @@ def summarise(experiment, labels):
     trainable = {m.get("parameters", {}).get("trainable") for m in metrics}
     return {"experiment": experiment.name, "seeds": len(preds), "preds": preds,
             "accuracy": mean_std((preds == labels).mean(1)),
-            "macro_f1": mean_std([f1_score(labels, p, average="macro") for p in preds]),
-            "f1_runs": [f1_score(labels, p, average="macro") for p in preds],
+            "macro_f1": mean_std([macro_f1(labels, p) for p in preds]),
+            "f1_runs": [macro_f1(labels, p) for p in preds],
             "f1_business": mean_std(per_class[:, BUSINESS]), "f1_scitech": mean_std(per_class[:, SCITECH]),
             "business_scitech_errors": mean_std(mixed),
             "train_time_s": mean_std([m.get("train_time_s", np.nan) for m in metrics]),
@@ -1197,13 +1208,16 @@ def compare_experiments(experiments, labels, baseline_name=None, seed=0):
     else:
         baseline = next((e for e in experiments if e.is_pooler_baseline), experiments[0])
     rows = [summarise(e, labels) for e in [baseline] + [e for e in experiments if e is not baseline]]
+    experiment_of = {e.name: e for e in experiments}
     base = rows[0]
     for row in rows:
         row["baseline"] = base["experiment"]
         if row is base:
             row["diff"], row["p"] = None, None
             continue
-        row["diff"] = paired_bootstrap(row["preds"], base["preds"], labels, seed=seed)
+        paired = len(experiment_of[row["experiment"]].seeds) > 1 and experiment_of[row["experiment"]].seeds == baseline.seeds
+        row["seeds_paired"] = paired
+        row["diff"] = paired_bootstrap(row["preds"], base["preds"], labels, seed=seed, paired_seeds=paired)
         row["p"] = mcnemar_exact(majority_right(row["preds"], labels), majority_right(base["preds"], labels))
     return rows
 
@@ -1214,7 +1228,8 @@ def verdict(row):
         return "baseline"
     diff, low, high = row["diff"]
     real = low > 0 or high < 0
-    return f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]" + (" *" if real else " (inside the noise)")
+    paired = " (seeds paired)" if row.get("seeds_paired") else ""
+    return f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]" + (" *" if real else " (inside the noise)") + paired
 
 
 COMPARE_COLUMNS = ["experiment", "seeds", "test accuracy", "macro F1", "F1 Business", "F1 Sci/Tech",
@@ -1261,8 +1276,9 @@ def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0):
                          + ["| " + " | ".join(c) + " |" for c in cells])
     note = (f"Test set: {len(labels):,} rows. Mean ± std over seeds; peak memory is {rows[0]['memory_kind']}. "
             f"Differences in macro F1 against {rows[0]['experiment']}: 95% paired bootstrap over test rows and "
-            f"seeds ({BOOTSTRAP_SAMPLES} resamples); * = the interval excludes 0. McNemar: exact, on the "
-            f"rows each experiment's majority of seeds gets right.")
+            f"seeds ({BOOTSTRAP_SAMPLES} resamples; seed k drawn with the baseline's seed k where both ran the "
+            f"same seeds); * = the interval excludes 0. McNemar: exact, on the "
+            f"rows each experiment's majority of seeds gets right (a tie counts as wrong).")
     print("\n" + markdown + "\n\n" + note)
     out_dir = Path(out_dir)
     common.atomic_write(out_dir / "compare.md", lambda tmp: Path(tmp).write_text(markdown + "\n\n" + note + "\n"))

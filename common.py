@@ -132,6 +132,21 @@ UMASK = os.umask(0o022)  # reading the umask means setting it: set it straight b
 os.umask(UMASK)
 
 
+@contextlib.contextmanager
+def no_empty_folders_left(folder):
+    """On an error inside the block, remove `folder` and those of its parents that did not exist
+    before it and are left empty: a run or download stopped by bad input leaves no empty folder."""
+    folder = Path(folder)
+    created = [d for d in (folder, *folder.parents) if not d.exists()]  # innermost first
+    try:
+        yield
+    except BaseException:
+        for made in created:
+            if made.is_dir() and not any(made.iterdir()):
+                made.rmdir()
+        raise
+
+
 def atomic_write(path, write_fn):
     """write_fn(tmp_path) writes a temp file beside `path`, then one rename makes it appear whole.
     A run killed mid-write leaves the old file (or none), never half of one."""
@@ -377,15 +392,9 @@ def download_ag_news(data_dir):
     nothing behind that a later run would trust."""
     data_dir = Path(data_dir)
     print(f"AG News not found in {data_dir}; downloading {AGNEWS_URL}")
-    created = [d for d in (data_dir, *data_dir.parents) if not d.exists()]  # innermost first
-    data_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    with no_empty_folders_left(data_dir):
+        data_dir.mkdir(parents=True, exist_ok=True)
         fetch_and_check_ag_news(data_dir)
-    except BaseException:
-        for folder in created:  # a failed download leaves no empty data/ag_news/ behind
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
 
 
 def fetch_and_check_ag_news(data_dir):
@@ -1192,7 +1201,8 @@ def add_common_args(parser, lr, epochs, batch_size=32):
     parser.add_argument("--pad-to-max", action="store_true", help="pad every row to --max-len (for comparison)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights init, dropout and batch order")
     parser.add_argument("--seeds", type=parse_seeds,
-                        help="train once per seed, e.g. 0,1,2, into <out>/seed<k>/ (finished seeds are kept)")
+                        help="train once per seed, e.g. 0,1,2, into <out>/seed<k>/; with --out or --resume a "
+                             "seed already finished there is kept, not trained again")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when a GPU is visible")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="autocast dtype; auto: bf16 on a GPU that has it, else fp16; on the CPU bf16 where it "
@@ -1786,29 +1796,31 @@ def run_each_seed(args, name, train_one):
         raise UserError("under torchrun, pass --out: every process must write to the same run folder")
     if args.seeds is None:
         args.out = str(Path(args.out) if args.out else default_run_dir(name, args.resume))
-        return without_empty_folders(train_one, args, Path(args.out))
+        with no_empty_folders_left(args.out):
+            return train_one(args)
     base = Path(args.out) if args.out else default_run_dir(name, args.resume)
     for seed in args.seeds:
         run_args = copy.copy(args)
-        run_args.seed, run_args.out = seed, str(base / f"seed{seed}")
+        run_args.seed, run_args.out = seed, str(seed_folder(base, seed))
         if is_finished(run_args.out):
             print(f"seed {seed}: {run_args.out} is finished, kept")
             continue
         print(f"seed {seed} of {','.join(map(str, args.seeds))}: {run_args.out}")
-        without_empty_folders(train_one, run_args, base / f"seed{seed}")
+        with no_empty_folders_left(run_args.out):
+            train_one(run_args)
 
 
-def without_empty_folders(train_one, args, run_dir):
-    """train_one(args); if it fails, remove run_dir and those of its parents that it created and left
-    empty, so a run stopped by bad input leaves no empty runs/<name>/ behind."""
-    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # innermost first
-    try:
-        return train_one(args)
-    except BaseException:
-        for folder in created:  # innermost first
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
+SEED_FOLDER = re.compile(r"seed(\d+)")  # runs/<experiment>/seed<k>/: one seed of an experiment
+
+
+def seed_folder(base, seed):
+    return Path(base) / f"seed{seed}"
+
+
+def experiment_folder(run):
+    """runs/<name>/seed<k> -> runs/<name>; a run trained without --seeds is its own folder."""
+    run = Path(run)
+    return run.parent if SEED_FOLDER.fullmatch(run.name) else run
 
 
 def start_run(args, name):
@@ -1816,6 +1828,7 @@ def start_run(args, name):
     Returns (runtime, run_dir, splits, t_start)."""
     t_start = time.perf_counter()
     runtime = setup_runtime(args.device, args.precision)
+    args.precision = runtime.precision  # what auto chose: config.json and the resume check record it
     reset_peak_memory(runtime.device)
     seed_everything(args.seed)
     run_dir = prepare_run_dir(args, name)
@@ -1854,11 +1867,10 @@ def finish_run(model, data, splits, runtime, run_dir, config, history, weights_n
         save_json(run_dir / "metrics.json", metrics)
         (run_dir / RESUME_FILE).unlink(missing_ok=True)
         mem = ", ".join(f"{k} {v:.2f}" for k, v in metrics["memory"].items())
-        # A resumed run's training time counts every session of the run, its wall time only this one.
-        sessions = " (training: every session; wall: this one)" if config.get("args", {}).get("resume") else ""
+        # Training time counts every session of a resumed run; wall time only this session.
         print(f"test accuracy {test['accuracy']:.4f}  macro F1 {test['macro_f1']:.4f}  | training {train_time:.1f} s "
-              f"({metrics['train_samples_per_s']:.1f} samples/s), scoring {score_time:.1f} s, wall {wall:.1f} s"
-              f"{sessions} | peak memory: {mem}")
+              f"({metrics['train_samples_per_s']:.1f} samples/s), scoring {score_time:.1f} s, wall {wall:.1f} s "
+              f"this session | peak memory: {mem}")
         print(f"saved {run_dir}/")
     return metrics
 

@@ -202,29 +202,26 @@ def folder_written_atomically(out, force):
     out = Path(out)
     if out.exists() and not force:
         raise common.UserError(f"{out} already exists: pass --force to replace it")
-    created = [d for d in out.parents if not d.exists()]  # innermost first
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    old = None
-    try:
-        yield tmp
-        permissions_as_usual(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / out.name)
+    with common.no_empty_folders_left(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        old = None
         try:
-            os.rename(tmp, out)
-        except OSError:
-            if old is not None:  # put the old one back
-                os.replace(old / out.name, out)
-            raise
-    finally:
-        for leftover in (tmp, old):
-            if leftover is not None and leftover.exists():
-                shutil.rmtree(leftover)
-        for folder in created:  # still empty only when the export failed
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+            yield tmp
+            permissions_as_usual(tmp)
+            if out.exists():
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+                os.replace(out, old / out.name)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if old is not None:  # put the old one back
+                    os.replace(old / out.name, out)
+                raise
+        finally:
+            for leftover in (tmp, old):
+                if leftover is not None and leftover.exists():
+                    shutil.rmtree(leftover)
 
 
 def permissions_as_usual(folder):

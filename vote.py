@@ -19,7 +19,6 @@ val/test probabilities, metrics.json), so `analyze.py --compare` tables it besid
 """
 import argparse
 import csv
-import re
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +75,7 @@ def parse_weights(text, n_runs):
 # --------------------------------------------------------------------------------------------------
 def display_names(runs):
     """Folder names (a seed<k>/ run by its experiment's folder), or whole paths where two share a name."""
-    names = [run.parent.name if re.fullmatch(r"seed\d+", run.name) else run.name for run in runs]
+    names = [common.experiment_folder(run).name for run in runs]
     return names if len(set(names)) == len(names) else [str(run) for run in runs]
 
 
@@ -99,8 +98,8 @@ def seed_runs(folder):
     folder = Path(folder)
     if (folder / "metrics.json").exists():
         return None
-    seeds = {int(run.name[4:]): run for run in folder.glob("seed*")
-             if run.name[4:].isdigit() and (run / "metrics.json").exists()}
+    seeds = {int(match[1]): run for run in folder.glob("seed*")
+             if (match := common.SEED_FOLDER.fullmatch(run.name)) and (run / "metrics.json").exists()}
     if not seeds:
         raise common.UserError(f"{folder}: no metrics.json and no finished seed<k>/ runs (not a finished run folder)")
     return seeds
@@ -194,10 +193,13 @@ def save_vote_run(out, runs, weights, how, seed, val_probs, test_probs, val_labe
     experiment), val/test probabilities, and metrics.json with the members' rows and fingerprints and
     their summed training time and parameters. vote.py itself never takes a vote for a member."""
     out = Path(out)
+    if (out / "config.json").exists() and common.load_json(out / "config.json").get("script") != "vote":
+        raise common.UserError(f"--out {out}: holds a trained run, not a vote; choose another folder")
     first = common.load_json(runs[0] / "config.json").get("args", {})
     members = [common.load_json(run / "metrics.json") for run in runs]
     member_names = [str(run.parent if seed is not None else run) for run in runs]
     config = {"script": "vote", "members": member_names, "weights_from": how, "seed": seed,
+              "hand_weights": weights.tolist() if how == "--weights" else None,
               "args": {k: first.get(k) for k in ("data", "train_size", "val_size", "test_size")}}
     metrics = {"test": common.evaluate(test_probs, test_labels), "val": common.evaluate(val_probs, val_labels),
                "weights": dict(zip(map(str, runs), weights.tolist())),

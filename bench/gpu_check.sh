@@ -60,6 +60,7 @@ step "study full (seeds ${STUDY_SEEDS:-0})" 600 env ROOT="$RUNS/study" SEEDS="${
   EXTRA="--model $MODEL" bash study.sh full
 
 # What comes back: metrics, probabilities and analysis of every run; no weights.
+[ -f "$RUNS/study/compare.md" ] && cp "$RUNS/study/compare.md" "$OUT/compare.md"
 tar czf "$OUT/runs.tgz" --exclude='*.safetensors' -C "$OUT" runs
 rm -rf "$RUNS"
 
@@ -74,7 +75,7 @@ rm -rf "$RUNS"
       on && /^(\||peer:|each at|fastest|projected|host syncs|model:|device:|data:)/' "$LOG"
   done
   echo
-  [ -f "$RUNS/study/compare.md" ] && cat "$RUNS/study/compare.md"
+  [ -f "$OUT/compare.md" ] && cat "$OUT/compare.md"
   printf '%-28s %8s %8s %9s %10s\n' run test_acc macro_f1 train_s samples/s
   python3 - "$OUT/runs.tgz" <<'PY'
 import json, sys, tarfile
@@ -82,7 +83,8 @@ with tarfile.open(sys.argv[1]) as tar:
     for member in sorted(tar.getmembers(), key=lambda m: m.name):
         if member.name.endswith("/metrics.json"):
             m = json.load(tar.extractfile(member))
-            print(f"{member.name.split('/')[-2]:28s} {m['test']['accuracy']:8.4f} {m['test']['macro_f1']:8.4f} "
-                  f"{m['train_time_s']:9.1f} {m['train_samples_per_s']:10.1f}")
+            name = "/".join(member.name.split("/")[-3:-1])  # experiment/seed<k>
+            print(f"{name:28s} {m['test']['accuracy']:8.4f} {m['test']['macro_f1']:8.4f} "
+                  f"{m.get('train_time_s', 0):9.1f} {m.get('train_samples_per_s', 0):10.1f}")
 PY
 } | tee -a "$LOG"

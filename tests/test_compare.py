@@ -1,6 +1,7 @@
 """analyze.py --compare: seeds pooled into experiments, paired bootstrap intervals and exact McNemar
 p-values checked on predictions whose answer is known, and the table written as md, csv and png."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -125,3 +126,33 @@ def test_experiment_key_ignores_only_the_seed_and_bookkeeping():
     other["args"]["lr"] = 1e-4
     assert analyze.experiment_key(config) == analyze.experiment_key(same)
     assert analyze.experiment_key(config) != analyze.experiment_key(other)
+
+
+def test_one_seed_of_one_experiment_counts_once(tiny_lstm_run, tmp_path, capsys):
+    """runs/x and runs/x-2 (the same command typed twice, same seed) are one seed, not two: the
+    newer counts and the other is named."""
+    root = tmp_path / "runs"
+    older = fake_seed(tiny_lstm_run, root / "x", 0, flip=2)
+    newer = fake_seed(tiny_lstm_run, root / "x-2", 0, flip=4)
+    os.utime(older / "metrics.json", (1, 1))        # older by its metrics.json's time, as find_runs sorts
+    fake_seed(tiny_lstm_run, root / "y", 0, flip=5, lr=0.5)
+    [x] = [e for e in analyze.gather_experiments([root]) if e.name.startswith("x")]
+    assert x.runs == [newer]
+    assert f"left out: {older} (seed 0 of the experiment of {newer}, which is newer)" in capsys.readouterr().out
+
+
+def test_paired_seeds_take_out_the_noise_the_seeds_share():
+    """B is A with the same 4 errors fixed in every seed, while the seeds themselves differ a lot:
+    drawn seed by seed (paired), the difference is a constant and the interval excludes 0; drawn on
+    their own, the seed spread swamps it."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, 800)
+    a = np.stack([np.where(rng.random(800) < acc, labels, (labels + 1) % 4) for acc in (0.70, 0.80, 0.90)])
+    b = a.copy()
+    for k in range(3):
+        wrong = np.flatnonzero(a[k] != labels)[:12]
+        b[k, wrong] = labels[wrong]
+    _, low, high = analyze.paired_bootstrap(b, a, labels, samples=500, paired_seeds=True)
+    assert 0 < low <= high
+    _, low, high = analyze.paired_bootstrap(b, a, labels, samples=500, paired_seeds=False)
+    assert low < 0 < high

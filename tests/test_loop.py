@@ -25,7 +25,7 @@ from conftest import save_bert_folder
 
 AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 ROOT = Path(__file__).resolve().parents[1]
-CPU = common.Runtime(torch.device("cpu"))
+CPU = common.Runtime(torch.device("cpu"), precision="fp32")  # the reference: fp32 whatever the CPU has
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64)
 
@@ -334,7 +334,9 @@ def test_awp_run_stopped_mid_epoch_resumes_exactly(sample, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 def test_bf16_on_the_cpu_trains_and_scores(sample, tmp_path):
     bf16 = common.setup_runtime("cpu", "bf16")
-    assert bf16.amp_dtype == torch.bfloat16 and common.setup_runtime("cpu").amp_dtype is None
+    assert bf16.amp_dtype == torch.bfloat16 and common.setup_runtime("cpu", "fp32").amp_dtype is None
+    auto = common.setup_runtime("cpu").precision  # auto: bf16 where the CPU has bf16 instructions
+    assert auto == ("bf16" if common.cpu_has_bf16() else "fp32")
     model = tiny_classifier()
     [record] = common.train(model, sample, loop_args(precision="bf16"), bf16, tmp_path)
     assert np.isfinite(record["train_loss"]) and np.isfinite(record["val_loss"])

@@ -273,3 +273,6 @@ def test_seed_k_votes_with_seed_k_into_a_run_like_folder(tiny_lstm_run, tmp_path
     assert "seed 0" in out and "seed 2" in out and "seed 1" not in out
     with pytest.raises(common.UserError, match="not both"):
         vote.main(["--runs", str(tmp_path / "a"), str(tiny_lstm_run)])
+    with pytest.raises(common.UserError, match="holds a trained run, not a vote"):  # never over a member
+        vote.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "a")])
+    assert common.load_json(tmp_path / "a" / "seed0" / "config.json")["script"] == "train_lstm"
