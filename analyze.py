@@ -208,6 +208,13 @@ def plot_map(points, labels, wrong, title, axis_labels, path):
     return save_figure(fig, path)
 
 
+def map_pca(features, seed):
+    """The 2-D PCA map of sentence vectors (S, F): (points (S, 2), the fitted PCA). --pca draws it;
+    --contrast places two more texts on the same map."""
+    pca = PCA(n_components=2, random_state=seed)
+    return pca.fit_transform(features), pca
+
+
 def show_maps(run, out_dir, methods, sample, seed):
     """methods: a subset of ("pca", "tsne"). Returns the written paths."""
     rows = common.stratified_indices(run.test.labels, sample, seed)
@@ -217,8 +224,7 @@ def show_maps(run, out_dir, methods, sample, seed):
     print(f"\n{what} (features {features.shape[1]}-D, {wrong.sum()} misclassified)")
     paths = []
     if "pca" in methods:
-        pca = PCA(n_components=2, random_state=seed)
-        points = pca.fit_transform(features)
+        points, pca = map_pca(features, seed)
         ratio = pca.explained_variance_ratio_
         print(f"PCA explained variance: PC1 {ratio[0]:.3f}, PC2 {ratio[1]:.3f}, together {ratio.sum():.3f}")
         paths.append(plot_map(points, labels, wrong, f"PCA, {what}",
@@ -885,8 +891,7 @@ def contrast_classes(probs):
 def fit_map_pca(run, sample, seed):
     """show_maps' PCA: the same stratified test rows and seed. Returns (rows, 2-D points, PCA)."""
     rows = common.stratified_indices(run.test.labels, sample, seed)
-    pca = PCA(n_components=2, random_state=seed)
-    points = pca.fit_transform(sentence_features(run, rows))     # (S, 2)
+    points, pca = map_pca(sentence_features(run, rows), seed)   # (S, 2)
     return rows, points, pca
 
 
