@@ -184,11 +184,10 @@ def show_confusion(run, out_dir):
 # --------------------------------------------------------------------------------------------------
 # --pca and --tsne: the sentence vectors (model.features) of a stratified sample, in 2-D
 # --------------------------------------------------------------------------------------------------
-def sentence_features(run, rows):
-    """model.features of the given test rows: (len(rows), F) float32."""
+def sentence_features(run, texts):
+    """model.features of texts, scored as the run scores its test rows (its precision): (N, F) float32."""
     model, tokenizer = run.model_and_tokenizer
-    texts = [run.test.texts[i] for i in rows]
-    encoded = common.Encoded(common.encode(tokenizer, texts, run.max_len), run.test.labels[rows])
+    encoded = common.Encoded(common.encode(tokenizer, texts, run.max_len), np.zeros(len(texts), dtype=np.int64))
     return common.predict(model, encoded, run.runtime, features=True, desc="sentence vectors")
 
 
@@ -218,7 +217,7 @@ def map_pca(features, seed):
 def show_maps(run, out_dir, methods, sample, seed):
     """methods: a subset of ("pca", "tsne"). Returns the written paths."""
     rows = common.stratified_indices(run.test.labels, sample, seed)
-    features = sentence_features(run, rows)                       # (S, F)
+    features = sentence_features(run, [run.test.texts[i] for i in rows])   # (S, F)
     labels, wrong = run.test.labels[rows], run.preds[rows] != run.test.labels[rows]
     what = f"{run.dir.name}: sentence vectors of {len(rows)} test rows"
     print(f"\n{what} (features {features.shape[1]}-D, {wrong.sum()} misclassified)")
@@ -891,7 +890,7 @@ def contrast_classes(probs):
 def fit_map_pca(run, sample, seed):
     """show_maps' PCA: the same stratified test rows and seed. Returns (rows, 2-D points, PCA)."""
     rows = common.stratified_indices(run.test.labels, sample, seed)
-    points, pca = map_pca(sentence_features(run, rows), seed)   # (S, 2)
+    points, pca = map_pca(sentence_features(run, [run.test.texts[i] for i in rows]), seed)   # (S, 2)
     return rows, points, pca
 
 
@@ -950,7 +949,8 @@ def plot_contrast(texts, probs, results, classes, cosine, map_points, map_labels
 
 
 def show_contrast(run, out_dir, texts, samples, sample, seed):
-    """Two texts side by side: the printed table and contrast.png. Returns (path, cosine, results)."""
+    """Two texts side by side: the printed table and contrast.png. Returns (path, cosine, results,
+    the two texts' points on the map (2, 2))."""
     check_shap_samples(samples)
     model, tokenizer = run.model_and_tokenizer
     logits, features = text_outputs(model, tokenizer, texts, run.max_len)
@@ -960,7 +960,9 @@ def show_contrast(run, out_dir, texts, samples, sample, seed):
     class_weights = np.eye(common.NUM_CLASSES)[classes[0]] - np.eye(common.NUM_CLASSES)[classes[1]]
     results = [word_shapley(model, tokenizer, text, run.max_len, class_weights, samples, seed) for text in texts]
     rows, map_points, pca = fit_map_pca(run, sample, seed)
-    text_points = pca.transform(features)                              # (2, 2)
+    # Placed from features scored as the map's rows were (bf16 where the run scores in bf16), so the
+    # two stars sit exactly where two test rows with these texts would; the cosine above is fp32.
+    text_points = pca.transform(sentence_features(run, texts))         # (2, 2)
 
     c1, c2 = (common.CLASS_NAMES[c] for c in classes)
     print(f"\ntwo texts side by side ({run.dir.name})")
@@ -987,7 +989,7 @@ def show_contrast(run, out_dir, texts, samples, sample, seed):
                                                            for w in shared))
     path = plot_contrast(texts, probs, results, classes, cosine, map_points, run.test.labels[rows], text_points,
                          pca.explained_variance_ratio_, Path(out_dir) / "contrast.png")
-    return path, cosine, results
+    return path, cosine, results, text_points
 
 
 # --------------------------------------------------------------------------------------------------

@@ -250,3 +250,13 @@ def test_shap_and_contrast_flags_end_to_end(tiny_lstm_run, tmp_path, capsys, one
     printed = capsys.readouterr().out
     assert "cosine similarity of the sentence vectors" in printed
     assert png_size(tmp_path / "contrast.png") == tuple(round(s * analyze.DPI) for s in analyze.CONTRAST_SIZE)
+
+
+def test_contrast_places_a_test_row_on_its_own_map_point(tiny_lstm_run, tmp_path, one_cpu_thread):
+    # Two texts that are rows of the map's sample must land on those rows' points: the stars are
+    # scored the way the map's rows are (the run's precision, bf16 on this CPU), not in fp32.
+    run = analyze.SavedRun(tiny_lstm_run)
+    rows, points, _ = analyze.fit_map_pca(run, 100, 0)
+    texts = [run.test.texts[rows[0]], run.test.texts[rows[-1]]]
+    *_, placed = analyze.show_contrast(run, tmp_path, texts, samples=2, sample=100, seed=0)
+    assert placed == pytest.approx(points[[0, -1]], abs=1e-5)
