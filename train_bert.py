@@ -2,57 +2,64 @@
 
     python train_bert.py --head pooler            # = AutoModelForSequenceClassification
     python train_bert.py --head textcnn --epochs 3
-    python train_bert.py --head attnpool --penalty-words runs/X/analysis/penalty_words.json --penalty 2.0
-    python train_bert.py --head pooler --seeds 0,1,2  # three runs: runs/bert_pooler/seed0, seed1, seed2
+    python train_bert.py --head attnpool --penalty-words runs/X/analysis/penalty_words.json
+    python train_bert.py --head pooler --seeds 0,1,2  # runs/bert_pooler/seed0, seed1, seed2
 
 Every weight of the encoder is trained, at a small learning rate (2e-5..5e-5): the pretrained
 features are already good, and a large step would wreck them in the first updates.
-The pieces (data, encoder, heads, loop) live in common.py; this script wires them together.
+The pieces live in their own files (bert.py: encoder and heads, loop.py: the training loop,
+common.py: data and run folders); this script wires them together.
 """
 import argparse
 from pathlib import Path
 
+import bert
 import common
+import loop
+import run
 
 
 def load_model(config, run_dir):
-    """Rebuild a saved run of this script: random encoder of the right shape, then the saved weights."""
-    model, tokenizer = common.build_bert_classifier(config, pretrained=False, run_dir=run_dir)
+    """Rebuild a saved run of this script: random encoder of the right shape, then the saved
+    weights."""
+    model, tokenizer = bert.build_bert_classifier(config, pretrained=False, run_dir=run_dir)
     common.load_checked(model, Path(run_dir) / "model.safetensors")
     return model, tokenizer
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    common.add_bert_args(parser)
-    common.add_common_args(parser, lr=5e-5, epochs=3)
+    bert.add_bert_args(parser)
+    run.add_common_args(parser, lr=5e-5, epochs=3)
     return parser
 
 
 def train(args):
     """One run: fine-tune, score, save into args.out."""
-    runtime, run_dir, splits, t_start = common.start_run(args, f"bert_{args.head}")
-    config = {"script": "train_bert", "model": args.model, "head": args.head, "dropout": args.dropout,
+    runtime, run_dir, splits, t_start = run.start_run(args, f"bert_{args.head}")
+    config = {"script": "train_bert", "model": args.model, "head": args.head,
+              "dropout": args.dropout,
               "penalty_words": args.penalty_words, "penalty": args.penalty, "max_len": args.max_len,
               "args": vars(args)}
-    model, tokenizer = common.build_bert_classifier(config)
+    model, tokenizer = bert.build_bert_classifier(config)
     if runtime.is_main:
-        common.keep_penalty_words(config, run_dir)
+        bert.keep_penalty_words(config, run_dir)
     data = common.encode_splits(tokenizer, splits, args.max_len)
     total, trainable = common.count_parameters(model)
     if runtime.is_main:
         print(f"{args.model} + {args.head} head: {total:,} parameters, {trainable:,} trainable | "
-              f"train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])} rows | "
+              f"train {len(splits['train'])}, val {len(splits['val'])}, "
+              f"test {len(splits['test'])} rows | "
               f"{runtime.device}, {runtime.precision}")
 
-    history = common.train(model, data, args, runtime, run_dir)
-    common.finish_run(model, data, splits, runtime, run_dir, config, history, "model.safetensors",
-                      trainable_only=False, t_start=t_start)
+    history = loop.train(model, data, args, runtime, run_dir)
+    run.finish_run(model, data, splits, runtime, run_dir, config, history, "model.safetensors",
+                   trainable_only=False, t_start=t_start)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    common.run_each_seed(args, f"bert_{args.head}", train)
+    run.run_each_seed(args, f"bert_{args.head}", train)
 
 
 if __name__ == "__main__":

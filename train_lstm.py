@@ -1,12 +1,12 @@
 """LSTM and BiLSTM + attention trained from scratch on AG News: the baselines BERT has to beat.
 
-    python train_lstm.py --arch lstm                   # embedding -> LSTM -> last state -> linear
-    python train_lstm.py --arch bilstm_attn            # embedding -> BiLSTM -> additive attention -> linear
+    python train_lstm.py --arch lstm         # embedding -> LSTM -> last state -> linear
+    python train_lstm.py --arch bilstm_attn  # embedding -> BiLSTM -> additive attention -> linear
     python train_lstm.py --arch bilstm_attn --vocab wordpiece --model minilm
     python train_lstm.py --arch bilstm_attn --seeds 0,1,2   # runs/bilstm_attn/seed0, seed1, seed2
 
 Nothing here is pretrained: the embeddings start random and everything learns from the labelled
-rows alone. Two lessons on top of common.py:
+rows alone. Two lessons on top of loop.py's training loop:
   - packed sequences: each row's recurrence stops at its own last token, so the padding added to
     make a rectangular batch neither costs time nor leaks into the states;
   - additive (Bahdanau-style) attention: instead of trusting the last state to remember the whole
@@ -27,10 +27,15 @@ import torch
 import torch.nn as nn
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
+import bert
 import common
+import eda
+import loop
+import run
 
 ARCHS = ["lstm", "bilstm_attn"]
-PAD, UNK = "[PAD]", "[UNK]"  # ids 0 and 1 of the word vocabulary; 0 is also what common.pad_batch pads with
+# ids 0 and 1 of the word vocabulary; 0 is also what common.pad_batch pads with
+PAD, UNK = "[PAD]", "[UNK]"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,7 +49,8 @@ def train_word_tokenizer(texts, min_freq, max_len):
     tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordLevelTrainer(min_frequency=min_freq, special_tokens=[PAD, UNK], show_progress=False)
+    trainer = trainers.WordLevelTrainer(min_frequency=min_freq, special_tokens=[PAD, UNK],
+                                        show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.enable_truncation(max_length=max_len)
     return tokenizer
@@ -53,7 +59,7 @@ def train_word_tokenizer(texts, min_freq, max_len):
 def build_tokenizer(args, train_texts):
     if args.vocab == "word":
         return train_word_tokenizer(train_texts, args.min_freq, args.max_len)
-    return common.load_tokenizer(common.resolve_model(args.model))
+    return common.load_tokenizer(bert.resolve_model(args.model))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,8 +122,10 @@ class LSTMClassifier(nn.Module):
         recurrence stops at the row's last real token. Returns the packed states and h_n
         (directions, B, H), the state after each row's own last token (backward: its first)."""
         x = self.embed_dropout(self.embedding(input_ids))               # (B, T, E) float32
-        lengths = attention_mask.sum(dim=1).cpu()                        # packing wants lengths on the CPU
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        # packing wants lengths on the CPU
+        lengths = attention_mask.sum(dim=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)
         # The recurrence stays in float32 under mixed precision (TF32 on recent GPUs): cuDNN has no
         # bf16 LSTM everywhere, and rounding errors would compound over the time steps.
         with torch.autocast(x.device.type, enabled=False):
@@ -132,7 +140,8 @@ class LSTMClassifier(nn.Module):
         return states, h_n
 
     def features(self, input_ids, attention_mask):
-        """One vector per text (B, F): what the classifier sees, and what analyze.py maps with PCA."""
+        """One vector per text (B, F): what the classifier sees, and what analyze.py maps with
+        PCA."""
         if self.attention is None:
             _, h_n = self.run_lstm(input_ids, attention_mask)
             return h_n[-1]                                               # (B, H)
@@ -146,12 +155,13 @@ class LSTMClassifier(nn.Module):
 
 
 def build_model(config):
-    return LSTMClassifier(config["vocab_size"], config["arch"], config["embed_dim"], config["hidden_size"],
-                          config["dropout"])
+    return LSTMClassifier(config["vocab_size"], config["arch"], config["embed_dim"],
+                          config["hidden_size"], config["dropout"])
 
 
 def load_model(config, run_dir):
-    """Rebuild a saved run of this script: its own tokenizer.json, then the model with its weights."""
+    """Rebuild a saved run of this script: its own tokenizer.json, then the model with its
+    weights."""
     run_dir = Path(run_dir)
     if not (run_dir / "tokenizer.json").exists():
         raise common.UserError(f"{run_dir}: no tokenizer.json (not a finished train_lstm.py run)")
@@ -166,15 +176,20 @@ def load_model(config, run_dir):
 # --------------------------------------------------------------------------------------------------
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    parser.add_argument("--arch", default="bilstm_attn", choices=ARCHS, help="lstm: last state; bilstm_attn: attention over a BiLSTM")
-    parser.add_argument("--vocab", default="word", choices=["word", "wordpiece"], help="see the vocabulary notes above")
-    parser.add_argument("--min-freq", type=int, default=2, help="word vocab: keep words seen this often")
+    parser.add_argument("--arch", default="bilstm_attn", choices=ARCHS,
+                        help="lstm: last state; bilstm_attn: attention over a BiLSTM")
+    parser.add_argument("--vocab", default="word", choices=["word", "wordpiece"],
+                        help="see the vocabulary notes above")
+    parser.add_argument("--min-freq", type=int, default=2,
+                        help="word vocab: keep words seen this often")
     parser.add_argument("--model", default="minilm",
                         help="wordpiece vocab: whose vocabulary (minilm, bert-base-uncased, DIR)")
     parser.add_argument("--embed-dim", type=int, default=200, help="size of a word vector")
-    parser.add_argument("--hidden-size", type=int, default=128, help="LSTM state size per direction")
-    parser.add_argument("--dropout", type=float, default=0.3, help="dropout on the word vectors and before the classifier")
-    common.add_common_args(parser, lr=2e-3, epochs=5, batch_size=64)
+    parser.add_argument("--hidden-size", type=int, default=128,
+                        help="LSTM state size per direction")
+    parser.add_argument("--dropout", type=float, default=0.3,
+                        help="dropout on the word vectors and before the classifier")
+    run.add_common_args(parser, lr=2e-3, epochs=5, batch_size=64)
     return parser
 
 
@@ -184,17 +199,20 @@ def run_name(args):
 
 def train(args):
     """One run: build the vocabulary, train from scratch, score, save into args.out."""
-    runtime, run_dir, splits, t_start = common.start_run(args, run_name(args))
+    runtime, run_dir, splits, t_start = run.start_run(args, run_name(args))
     tokenizer_path = run_dir / "tokenizer.json"
     if args.resume and tokenizer_path.exists():
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))  # the vocabulary the saved embeddings belong to
+        # the vocabulary the saved embeddings belong to
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
     else:
-        # The vocabulary of the rows as they are: with --eda, each word of a row would be counted once
-        # per copy, and --min-freq would let in words seen once (synonyms absent there become [UNK]).
-        tokenizer = build_tokenizer(args, common.original_rows(args, splits["train"]).texts)
+        # The vocabulary of the rows as they are: with --eda, each word of a row would be counted
+        # once per copy, and --min-freq would let in words seen once (synonyms absent there become
+        # [UNK]).
+        tokenizer = build_tokenizer(args, eda.original_rows(args, splits["train"]).texts)
         if runtime.is_main:
             common.atomic_write(tokenizer_path, lambda tmp: tokenizer.save(tmp))
-    config = {"script": "train_lstm", "arch": args.arch, "vocab": args.vocab, "vocab_size": tokenizer.get_vocab_size(),
+    config = {"script": "train_lstm", "arch": args.arch, "vocab": args.vocab,
+              "vocab_size": tokenizer.get_vocab_size(),
               "embed_dim": args.embed_dim, "hidden_size": args.hidden_size, "dropout": args.dropout,
               "max_len": args.max_len, "args": vars(args)}
 
@@ -206,16 +224,16 @@ def train(args):
               f"{trainable:,} trainable | train {len(splits['train'])}, val {len(splits['val'])}, "
               f"test {len(splits['test'])} rows | {runtime.device}, {runtime.precision}")
 
-    history = common.train(model, data, args, runtime, run_dir)
-    common.finish_run(model, data, splits, runtime, run_dir, config, history, "model.safetensors",
-                      trainable_only=False, t_start=t_start)
+    history = loop.train(model, data, args, runtime, run_dir)
+    run.finish_run(model, data, splits, runtime, run_dir, config, history, "model.safetensors",
+                   trainable_only=False, t_start=t_start)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.min_freq < 1:
         raise common.UserError(f"--min-freq must be at least 1, got {args.min_freq}")
-    common.run_each_seed(args, run_name(args), train)
+    run.run_each_seed(args, run_name(args), train)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
     python vote.py --text "Oil climbs as OPEC cuts output" --text "Nadal wins in Paris"
     python vote.py --file cases.txt                        # one text a line, or label,text rows
     python vote.py --runs runs/bilstm_attn runs/lora_r8_pooler --out runs/vote_bilstm_lora
-                   # folders of --seeds runs: seed k votes with seed k, into runs/vote_bilstm_lora/seed<k>/
+                   # folders of --seeds runs: seed k votes with seed k,
+                   # into runs/vote_bilstm_lora/seed<k>/
 
 Soft voting averages the members' probabilities, p(y|x) = sum_k w_k p_k(y|x), and predicts the
 most probable class. The weights are fitted on the validation split only: fitted on test, they
@@ -40,11 +41,13 @@ def fit_weights(val_probs_list, val_labels, tol=1e-12, max_iter=20_000):
     The log-loss is convex in w and every step lowers it; the weights stay on the simplex."""
     rows = np.arange(len(val_labels))
     # (N, K): each member's probability of the true label, clipped like common.evaluate's log-loss
-    likelihoods = np.clip(np.stack([p[rows, val_labels] for p in val_probs_list], axis=1).astype(np.float64),
+    likelihoods = np.clip(np.stack([p[rows, val_labels] for p in val_probs_list],
+                                   axis=1).astype(np.float64),
                           1e-12, None)
     weights = np.full(likelihoods.shape[1], 1.0 / likelihoods.shape[1])
     for _ in range(max_iter):
-        shares = likelihoods * weights / (likelihoods @ weights)[:, None]   # (N, K), rows sum to 1
+        # (N, K), rows sum to 1
+        shares = likelihoods * weights / (likelihoods @ weights)[:, None]
         new = shares.mean(axis=0)
         converged = np.abs(new - weights).max() < tol
         weights = new
@@ -62,11 +65,13 @@ def parse_weights(text, n_runs):
     try:
         weights = np.array([float(w) for w in text.split(",")])
     except ValueError:
-        raise common.UserError(f"--weights {text!r}: expected numbers separated by commas, like 0.6,0.4") from None
+        raise common.UserError(f"--weights {text!r}: expected numbers separated by commas, "
+                               "like 0.6,0.4") from None
     if len(weights) != n_runs:
         raise common.UserError(f"--weights {text!r}: {len(weights)} weights for {n_runs} runs")
     if (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
-        raise common.UserError(f"--weights {text!r}: weights must be finite, non-negative and not all 0")
+        raise common.UserError(f"--weights {text!r}: weights must be finite, non-negative "
+                               "and not all 0")
     return weights / weights.sum()
 
 
@@ -74,7 +79,8 @@ def parse_weights(text, n_runs):
 # Runs and their saved probabilities
 # --------------------------------------------------------------------------------------------------
 def display_names(runs):
-    """Folder names (a seed<k>/ run by its experiment's folder), or whole paths where two share a name."""
+    """Folder names (a seed<k>/ run by its experiment's folder), or whole paths where two share a
+    name."""
     names = [common.experiment_folder(run).name for run in runs]
     return names if len(set(names)) == len(names) else [str(run) for run in runs]
 
@@ -83,10 +89,12 @@ def check_same_rows(runs):
     """All members must have been scored on the same val and test rows, in the same order."""
     seen = {run: common.scored_rows(run) for run in runs}
     if len(set(seen.values())) > 1:
-        described = "; ".join(f"{run} (" + ", ".join(f"{split} {n} rows {fp}" for split, n, fp in rows) + ")"
+        described = "; ".join(f"{run} (" + ", ".join(f"{split} {n} rows {fp}"
+                                                     for split, n, fp in rows) + ")"
                               for run, rows in seen.items())
-        raise common.UserError(f"runs were scored on different rows, so their probabilities cannot be averaged "
-                               f"row by row: {described}. Train them with the same data, --val-size and --test-size")
+        raise common.UserError(f"runs were scored on different rows, so their probabilities "
+                               f"cannot be averaged row by row: {described}. Train them with "
+                               f"the same data, --val-size and --test-size")
 
 
 def is_vote(run):
@@ -94,14 +102,17 @@ def is_vote(run):
 
 
 def seed_runs(folder):
-    """{seed: run folder} of a --seeds folder (finished seed<k>/ runs inside), or None for a run folder."""
+    """{seed: run folder} of a --seeds folder (finished seed<k>/ runs inside), or None for a run
+    folder."""
     folder = Path(folder)
     if (folder / "metrics.json").exists():
         return None
     seeds = {int(match[1]): run for run in folder.glob("seed*")
-             if (match := common.SEED_FOLDER.fullmatch(run.name)) and (run / "metrics.json").exists()}
+             if (match := common.SEED_FOLDER.fullmatch(run.name))
+             and (run / "metrics.json").exists()}
     if not seeds:
-        raise common.UserError(f"{folder}: no metrics.json and no finished seed<k>/ runs (not a finished run folder)")
+        raise common.UserError(f"{folder}: no metrics.json and no finished seed<k>/ runs "
+                               f"(not a finished run folder)")
     return seeds
 
 
@@ -112,23 +123,26 @@ def member_groups(paths):
     if all(s is None for s in seeded):
         return {None: [Path(p) for p in paths]}
     if any(s is None for s in seeded):
-        raise common.UserError("--runs: give either run folders or folders of --seeds runs (seed<k>/ inside), not both")
+        raise common.UserError("--runs: give either run folders or folders of --seeds runs "
+                               "(seed<k>/ inside), not both")
     shared = sorted(set.intersection(*(set(s) for s in seeded)))
     if not shared:
-        raise common.UserError(f"--runs: no seed is finished in every folder ({', '.join(map(str, paths))})")
+        raise common.UserError(f"--runs: no seed is finished in every folder "
+                               f"({', '.join(map(str, paths))})")
     return {seed: [s[seed] for s in seeded] for seed in shared}
 
 
 def find_members(args):
-    """--runs as given (a folder of --seeds runs stands for each of its seeds); else the finished runs
-    under runs/ that were scored on the same rows, saved votes left out. Where runs of different data
-    settings lie side by side (a --quick run beside full ones), the largest such group votes, the
-    newest on a tie, and the others are named. Returns {seed or None: [runs]}."""
+    """--runs as given (a folder of --seeds runs stands for each of its seeds); else the finished
+    runs under runs/ that were scored on the same rows, saved votes left out. Where runs of
+    different data settings lie side by side (a --quick run beside full ones), the largest such
+    group votes, the newest on a tie, and the others are named. Returns {seed or None: [runs]}."""
     if args.runs:
         return member_groups(args.runs)
     runs = [run for run in common.find_runs(args.root) if not is_vote(run)]
     if not runs:
-        raise common.UserError(f"no finished runs under {args.root}/ (train one first, or pass --runs)")
+        raise common.UserError(f"no finished runs under {args.root}/ "
+                               f"(train one first, or pass --runs)")
     return {None: common.largest_group_on_same_rows(runs, "voting")}
 
 
@@ -136,14 +150,15 @@ def need_two(runs):
     """A vote of one run is that run: say so, and what to train next."""
     if len(runs) < 2:
         raise common.UserError(
-            f"voting needs two or more runs scored on the same rows; found one ({runs[0]}). Train another "
-            f"model with the same --train-size/--val-size/--test-size, e.g. `python train_lstm.py --arch "
-            f"bilstm_attn` beside `python train_lora.py --r 8`, then run vote.py again")
+            f"voting needs two or more runs scored on the same rows; found one ({runs[0]}). "
+            f"Train another model with the same --train-size/--val-size/--test-size, e.g. "
+            f"`python train_lstm.py --arch bilstm_attn` beside `python train_lora.py --r 8`, "
+            f"then run vote.py again")
 
 
 def load_saved(runs, data_dir):
-    """The members' saved probabilities on val and test, and the labels of those rows (found with the
-    first run's data flags; check_same_rows has made sure every member saw the same rows)."""
+    """The members' saved probabilities on val and test, and the labels of those rows (found with
+    the first run's data flags; check_same_rows has made sure every member saw the same rows)."""
     check_same_rows(runs)
     val, test = (common.load_scored_split(runs[0], name, data_dir) for name in ("val", "test"))
     val_probs = [common.load_probs(run, "val", len(val)) for run in runs]
@@ -169,45 +184,55 @@ def vote_on_test(args, runs, out=None, seed=None):
     weights, how = choose_weights(args, runs, saved)
 
     equal = np.full(len(runs), 1.0 / len(runs))
-    ensemble_val, ensemble_test = ensemble_probs(val_probs, weights), ensemble_probs(test_probs, weights)
-    entries = [(name, w, v, t) for name, w, v, t in zip(display_names(runs), weights, val_probs, test_probs)]
+    ensemble_val, ensemble_test = (ensemble_probs(val_probs, weights),
+                                   ensemble_probs(test_probs, weights))
+    entries = [(name, w, v, t)
+               for name, w, v, t in zip(display_names(runs), weights, val_probs, test_probs)]
     entries.append(("ensemble, equal weights", None, ensemble_probs(val_probs, equal),
                     ensemble_probs(test_probs, equal)))
     entries.append((f"ensemble, weights {how}", None, ensemble_val, ensemble_test))
 
     name_width = max(len(e[0]) for e in entries)
-    print(f"\n{'' if seed is None else f'seed {seed}':{name_width}}  weight  val loss  test acc  test macro F1   "
+    print(f"\n{'' if seed is None else f'seed {seed}':{name_width}}  weight  val loss  "
+          f"test acc  test macro F1   "
           f"(test: {len(test_labels)} rows of the official test set)")
     for name, weight, val, test in entries:
         scores = common.evaluate(test, test_labels)
         weight_text = f"{weight:6.3f}" if weight is not None else ""
-        print(f"{name:{name_width}}  {weight_text:>6}  {common.evaluate(val, val_labels)['loss']:8.4f}  "
+        print(f"{name:{name_width}}  {weight_text:>6}  "
+              f"{common.evaluate(val, val_labels)['loss']:8.4f}  "
               f"{scores['accuracy']:8.4f}  {scores['macro_f1']:13.4f}")
     if out:
-        save_vote_run(out, runs, weights, how, seed, ensemble_val, ensemble_test, val_labels, test_labels)
+        save_vote_run(out, runs, weights, how, seed, ensemble_val, ensemble_test, val_labels,
+                      test_labels)
 
 
 def save_vote_run(out, runs, weights, how, seed, val_probs, test_probs, val_labels, test_labels):
     """The vote as a run-like folder: config.json (script "vote", its members, how the weights were
     chosen; per seed only the seed differs, so analyze.py --compare groups the seeds as one
-    experiment), val/test probabilities, and metrics.json with the members' rows and fingerprints and
-    their summed training time and parameters. vote.py itself never takes a vote for a member."""
+    experiment), val/test probabilities, and metrics.json with the members' rows and fingerprints
+    and their summed training time and parameters. vote.py itself never takes a vote for a
+    member."""
     out = Path(out)
-    if (out / "config.json").exists() and common.load_json(out / "config.json").get("script") != "vote":
-        raise common.UserError(f"--out {out}: holds a trained run, not a vote; choose another folder")
+    if ((out / "config.json").exists()
+            and common.load_json(out / "config.json").get("script") != "vote"):
+        raise common.UserError(f"--out {out}: holds a trained run, not a vote; "
+                               f"choose another folder")
     first = common.load_json(runs[0] / "config.json").get("args", {})
     members = [common.load_json(run / "metrics.json") for run in runs]
     member_names = [str(run.parent if seed is not None else run) for run in runs]
     config = {"script": "vote", "members": member_names, "weights_from": how, "seed": seed,
               "hand_weights": weights.tolist() if how == "--weights" else None,
               "args": {k: first.get(k) for k in ("data", "train_size", "val_size", "test_size")}}
-    metrics = {"test": common.evaluate(test_probs, test_labels), "val": common.evaluate(val_probs, val_labels),
+    metrics = {"test": common.evaluate(test_probs, test_labels),
+               "val": common.evaluate(val_probs, val_labels),
                "weights": dict(zip(map(str, runs), weights.tolist())),
                "rows": {k: members[0]["rows"][k] for k in ("val", "test")},
                "fingerprints": {k: members[0]["fingerprints"][k] for k in ("val", "test")},
                "train_time_s": sum(m.get("train_time_s", 0.0) for m in members)}
     if all("parameters" in m for m in members):
-        metrics["parameters"] = {k: sum(m["parameters"][k] for m in members) for k in ("total", "trainable")}
+        metrics["parameters"] = {k: sum(m["parameters"][k] for m in members)
+                                 for k in ("total", "trainable")}
     common.save_npy(out / "val_probs.npy", val_probs.astype(np.float32))
     common.save_npy(out / "test_probs.npy", test_probs.astype(np.float32))
     common.save_json(out / "config.json", config)
@@ -228,10 +253,10 @@ def parse_label(field):
 
 
 def read_cases(path):
-    """--file: one text a line, or, in a .csv file or one whose first line is the header `label,text`,
-    CSV rows `label,text` (label 1..4 or a class name). The file's name or header decides, not a
-    guess from its first text: "1,000 jobs cut" is a text, not label 1. Blank lines are skipped.
-    Returns [(label or None, text)]."""
+    """--file: one text a line, or, in a .csv file or one whose first line is the header
+    `label,text`, CSV rows `label,text` (label 1..4 or a class name). The file's name or header
+    decides, not a guess from its first text: "1,000 jobs cut" is a text, not label 1. Blank lines
+    are skipped. Returns [(label or None, text)]."""
     path = Path(path)
     try:
         lines = path.read_bytes().decode("utf-8").splitlines()
@@ -277,8 +302,10 @@ def classify(runs, texts, runtime):
         ids = common.encode(tokenizer, texts, config["args"]["max_len"])
         for i, row in enumerate(ids):
             if len(row) == 0:
-                raise common.UserError(f"text {i + 1} ({texts[i][:40]!r}) has no tokens in the vocabulary of {run}")
-        probs.append(common.predict(model, common.Encoded(ids, np.zeros(len(ids), dtype=np.int64)), runtime))
+                raise common.UserError(f"text {i + 1} ({texts[i][:40]!r}) has no tokens in the "
+                                       f"vocabulary of {run}")
+        probs.append(common.predict(model, common.Encoded(ids, np.zeros(len(ids), dtype=np.int64)),
+                                    runtime))
     return probs
 
 
@@ -307,34 +334,44 @@ def vote_on_texts(args, runs):
 
     names = display_names(runs) + ["ensemble"]
     width = max(COLUMN, *(len(n) for n in names))
-    print("weights (" + how + "): " + ", ".join(f"{name} {w:.3f}" for name, w in zip(names, weights)))
-    print(f"\n{'#':>3}  {'text':40}  {'label':8}  " + "  ".join(f"{n:{width}}" for n in names).rstrip())
+    print("weights (" + how + "): "
+          + ", ".join(f"{name} {w:.3f}" for name, w in zip(names, weights)))
+    print(f"\n{'#':>3}  {'text':40}  {'label':8}  "
+          + "  ".join(f"{n:{width}}" for n in names).rstrip())
     for i, (label, text) in enumerate(cases):
         shown = text if len(text) <= 40 else text[:37] + "..."
         gold = common.CLASS_NAMES[label] if label is not None else ""
         cells = [verdict(p[i], label) for p in member_probs] + [verdict(ensemble[i], label)]
-        print(f"{i + 1:>3}  {shown:40}  {gold:8}  " + "  ".join(f"{c:{width}}" for c in cells).rstrip())
+        print(f"{i + 1:>3}  {shown:40}  {gold:8}  "
+              + "  ".join(f"{c:{width}}" for c in cells).rstrip())
     labelled = [i for i, label in enumerate(labels) if label is not None]
     if labelled:
         gold = np.array([labels[i] for i in labelled])
         hits = [int((p[labelled].argmax(1) == gold).sum()) for p in member_probs + [ensemble]]
         counts = [f"{h}/{len(labelled)}" for h in hits]
-        print(f"\n{'hits':>3}  {'':40}  {'':8}  " + "  ".join(f"{c:{width}}" for c in counts).rstrip())
+        print(f"\n{'hits':>3}  {'':40}  {'':8}  "
+              + "  ".join(f"{c:{width}}" for c in counts).rstrip())
         print("* = differs from the given label")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    parser.add_argument("--runs", nargs="+", help="run folders (default: every finished run under --root)")
-    parser.add_argument("--root", default="runs", help="where to look for runs when --runs is not given")
-    parser.add_argument("--weights", help="weights by hand, one per run in order, e.g. 0.6,0.4 (normalised to sum 1)")
-    parser.add_argument("--data", help="AG News folder for the labels (default: the one the first run used)")
+    parser.add_argument("--runs", nargs="+",
+                        help="run folders (default: every finished run under --root)")
+    parser.add_argument("--root", default="runs",
+                        help="where to look for runs when --runs is not given")
+    parser.add_argument("--weights", help="weights by hand, one per run in order, e.g. 0.6,0.4 "
+                                          "(normalised to sum 1)")
+    parser.add_argument("--data", help="AG News folder for the labels (default: the one the first "
+                                       "run used)")
     parser.add_argument("--text", action="append", help="classify this text (repeatable)")
-    parser.add_argument("--file", help="classify the texts in this file: one a line; or, in a .csv file or under "
-                                       "a label,text header, label,text rows whose hits are counted")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="for --text/--file: auto = cuda when a GPU is visible")
-    parser.add_argument("--out", help="with the test vote: save the vote as a run-like folder here (per seed: "
-                                      "<out>/seed<k>/), for analyze.py --compare")
+    parser.add_argument("--file", help="classify the texts in this file: one a line; or, in a "
+                                       ".csv file or under a label,text header, label,text rows "
+                                       "whose hits are counted")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="for --text/--file: auto = cuda when a GPU is visible")
+    parser.add_argument("--out", help="with the test vote: save the vote as a run-like folder "
+                                      "here (per seed: <out>/seed<k>/), for analyze.py --compare")
     return parser
 
 

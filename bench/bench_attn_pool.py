@@ -54,7 +54,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true",
-                        help="run one tiny shape on CPU under the Triton interpreter (tests the script)")
+                        help="run one tiny shape on CPU under the Triton interpreter "
+                             "(tests the script)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -172,7 +173,8 @@ def main():
     elif torch.cuda.is_available():
         device, shapes = torch.device("cuda"), GPU_SHAPES
     else:
-        print("bench_attn_pool: no CUDA device, nothing to time (--cpu-smoke runs one tiny shape on CPU)")
+        print("bench_attn_pool: no CUDA device, nothing to time "
+              "(--cpu-smoke runs one tiny shape on CPU)")
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels.attn_pool import attn_pool, attn_pool_reference
@@ -180,11 +182,13 @@ def main():
     torch.manual_seed(args.seed)
     timer = make_timer(device)
     copy_gbs = copy_bandwidth_gbs(timer, device) if device.type == "cuda" else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else "CPU (Triton interpreter)")
     print(f"device: {name}" + (f"; copy bandwidth {copy_gbs:.0f} GB/s" if copy_gbs else ""))
 
-    header = (f"{'dtype':>8} {'B':>4} {'T':>4} {'D':>5} {'pass':>8} | {'eager ms':>9} {'compile ms':>10} "
-              f"{'triton ms':>9} | {'x eager':>7} {'x compile':>9} | {'GB/s':>6} {'% copy':>6} | check")
+    header = (f"{'dtype':>8} {'B':>4} {'T':>4} {'D':>5} {'pass':>8} | "
+              f"{'eager ms':>9} {'compile ms':>10} {'triton ms':>9} | "
+              f"{'x eager':>7} {'x compile':>9} | {'GB/s':>6} {'% copy':>6} | check")
     print(header)
     print("-" * len(header))
     rows = []
@@ -206,7 +210,8 @@ def main():
                 print(format_row(row), flush=True)
 
     failed = [r for r in rows if not r["ok"]]
-    print(f"correctness: {'FAIL on ' + str(len(failed) // 2) + ' shape(s)' if failed else 'all shapes match'}")
+    print("correctness: "
+          f"{'FAIL on ' + str(len(failed) // 2) + ' shape(s)' if failed else 'all shapes match'}")
     if device.type == "cuda":
         print_summary(rows)
     return 1 if failed else 0
@@ -219,13 +224,14 @@ def format_row(r):
     x_compile = f"{r['x_compile']:8.2f}x" if r["x_compile"] else f"{'-':>9}"
     copy = f"{100 * r['copy_frac']:5.0f}%" if r["copy_frac"] else f"{'-':>6}"
     check = f"ok ({r['err']:.1e})" if r["ok"] else f"FAIL ({r['err']:.1e})"
-    return (f"{dtype:>8} {r['B']:>4} {r['T']:>4} {r['D']:>5} {r['pass_']:>8} | {ms['eager']:9.3f} "
-            f"{compile_ms} {ms['triton']:9.3f} | {r['x_eager']:6.2f}x {x_compile} | {r['gbs']:6.0f} "
-            f"{copy} | {check}")
+    return (f"{dtype:>8} {r['B']:>4} {r['T']:>4} {r['D']:>5} {r['pass_']:>8} | "
+            f"{ms['eager']:9.3f} {compile_ms} {ms['triton']:9.3f} | "
+            f"{r['x_eager']:6.2f}x {x_compile} | {r['gbs']:6.0f} {copy} | {check}")
 
 
 def print_summary(rows):
-    """One line per goal, judged on the largest shapes, with the weakest shape overall for context."""
+    """One line per goal, judged on the largest shapes, with the weakest shape overall for
+    context."""
     fwd_bwd = [r for r in rows if r["pass_"] == "fwd+bwd"]
     largest = [r for r in rows if (r["B"], r["T"], r["D"]) == LARGEST]
 
@@ -242,8 +248,10 @@ def print_summary(rows):
               f"all shapes >= {fmt(worst_all[key])} ({where(worst_all)} {worst_all['pass_']})")
 
     print()
-    goal(f"fwd+bwd >= {GOAL_X_EAGER}x eager", "x_eager", GOAL_X_EAGER, lambda x: f"{x:.2f}x", fwd_bwd)
-    goal(f"fwd+bwd >= {GOAL_X_COMPILE}x compile", "x_compile", GOAL_X_COMPILE, lambda x: f"{x:.2f}x", fwd_bwd)
+    goal(f"fwd+bwd >= {GOAL_X_EAGER}x eager", "x_eager", GOAL_X_EAGER, lambda x: f"{x:.2f}x",
+         fwd_bwd)
+    goal(f"fwd+bwd >= {GOAL_X_COMPILE}x compile", "x_compile", GOAL_X_COMPILE,
+         lambda x: f"{x:.2f}x", fwd_bwd)
     goal(f">= {GOAL_COPY_FRACTION:.0%} of copy bandwidth", "copy_frac", GOAL_COPY_FRACTION,
          lambda x: f"{x:.0%}", rows)
 

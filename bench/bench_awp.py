@@ -7,7 +7,7 @@ measured in one run, alternating, so a noisy neighbour hurts both alike.
 
 AWP adds a second forward and backward per batch at the moved weights, plus the copy that puts them
 back: expect an epoch to take about 2x as long, i.e. about half the samples/s. Each epoch is
-common.train itself on a fresh model with train_bert.py's own flags, so what is timed is what a run
+loop.train itself on a fresh model with train_bert.py's own flags, so what is timed is what a run
 does; its train_time_s and train_samples_per_s are reported (the fastest of --repeats).
 """
 import argparse
@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bert  # noqa: E402
 import common  # noqa: E402
+import loop  # noqa: E402
 import train_bert  # noqa: E402
 
 
@@ -31,7 +33,8 @@ def parse_args():
     parser.add_argument("--bert-layers", type=common.positive_int, default=2,
                         help="MiniLM cut to its first layers (6 = whole)")
     parser.add_argument("--repeats", type=common.positive_int, default=2,
-                        help="epochs timed per setting, alternating plain and AWP; the fastest counts")
+                        help="epochs timed per setting, alternating plain and AWP; the fastest "
+                             "counts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=common.PRECISIONS)
@@ -39,16 +42,17 @@ def parse_args():
 
 
 def time_epoch(args, data, runtime, awp):
-    """One epoch of common.train on a fresh model: (seconds, samples/s, train loss) of its training part."""
+    """One epoch of loop.train on a fresh model: (seconds, samples/s, train loss) of its training
+    part."""
     flags = train_bert.build_parser().parse_args(
         ["--max-len", str(args.max_len), "--epochs", "1", "--batch-size", str(args.batch_size),
          "--seed", str(args.seed), "--precision", args.precision, "--log-every", "1000000",
          *(["--awp"] if awp else [])])
     torch.manual_seed(args.seed)
-    model, _ = common.build_bert_classifier({"model": "minilm", "head": "pooler", "dropout": 0.1})
+    model, _ = bert.build_bert_classifier({"model": "minilm", "head": "pooler", "dropout": 0.1})
     model.bert.layers = model.bert.layers[:args.bert_layers]
     with tempfile.TemporaryDirectory() as run_dir:
-        [record] = common.train(model, data, flags, runtime, run_dir)
+        [record] = loop.train(model, data, flags, runtime, run_dir)
     return record["train_time_s"], record["train_samples_per_s"], record["train_loss"]
 
 
@@ -56,7 +60,7 @@ def main():
     args = parse_args()
     runtime = common.setup_runtime(args.device, args.precision)
     splits = common.load_ag_news(args.data, args.rows, test_size=8, val_size=32)
-    tokenizer = common.load_tokenizer(common.resolve_model("minilm"))
+    tokenizer = common.load_tokenizer(bert.resolve_model("minilm"))
     data = common.encode_splits(tokenizer, splits, args.max_len)
     times = {"plain": [], "AWP": []}
     for _ in range(args.repeats):

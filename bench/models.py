@@ -1,14 +1,16 @@
-"""The models the benchmarks measure: a pretrained folder (--model), or one of the study's two shapes
-with random weights (--random-init). Speed and memory depend on shapes, not on weights, and the GPU
-machine has no model files."""
+"""The models the benchmarks measure: a pretrained folder (--model), or one of the study's two
+shapes with random weights (--random-init). Speed and memory depend on shapes, not on weights, and
+the GPU machine has no model files."""
 from pathlib import Path
 
-import common
+import bert
 
 # Shapes of the two models of the study: all-MiniLM-L6-v2 (this project's default) and bert-base.
 GEOMETRIES = {
-    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                   intermediate_size=1536),
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072),
 }
 
 
@@ -17,7 +19,7 @@ def model_folder(model, shape, tmp):
     shape (BertConfig fields, e.g. GEOMETRIES["bert-base"]), random weights saved by transformers in
     HuggingFace layout into `tmp`, so that our BERT and transformers' load the very same file."""
     if shape is None:
-        return common.resolve_model(model)
+        return bert.resolve_model(model)
     import transformers
     transformers.utils.logging.disable_progress_bar()
     transformers.BertModel(transformers.BertConfig(**shape)).save_pretrained(tmp)

@@ -17,7 +17,8 @@ import common  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data")
     parser.add_argument("--train-size", type=int)
     args = parser.parse_args()
@@ -31,7 +32,8 @@ def main():
     test = common.evaluate(probs, splits["test"].labels)
     common.print_report(splits["test"].labels, probs)
     print(f"TF-IDF + logistic regression on {len(splits['train'])} training rows: test accuracy "
-          f"{test['accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} ({time.perf_counter() - t0:.1f} s)")
+          f"{test['accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} "
+          f"({time.perf_counter() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

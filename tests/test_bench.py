@@ -1,5 +1,6 @@
-"""bench/speed_ablation.py: its written-out attention computes what SDPA computes, its FLOPs formula
-counts what torch's FLOP counter counts, and its CPU smoke run prints every rung and the peer."""
+"""bench/speed_ablation.py: its written-out attention computes what SDPA computes, its FLOPs
+formula counts what torch's FLOP counter counts, and its CPU smoke run prints every rung and the
+peer."""
 import re
 import subprocess
 import sys
@@ -10,21 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import common
+import bert
 from bench.speed_ablation import TRICKS, training_flops
+from conftest import AGNEWS_DIR, needs_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 
 
 def tiny_config(**overrides):
-    return common.BertConfig(**{"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2,
-                                "num_attention_heads": 4, "intermediate_size": 128, **overrides})
+    return bert.BertConfig(**{"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "intermediate_size": 128, **overrides})
 
 
 def use_sdpa(model, sdpa):
     for module in model.modules():
-        if isinstance(module, common.SelfAttention):
+        if isinstance(module, bert.SelfAttention):
             module.sdpa = sdpa
 
 
@@ -37,7 +38,7 @@ def test_written_out_attention_equals_sdpa(training):
     """Outputs and gradients, on fresh random inputs with padding; in training mode with dropout 0
     (with dropout the two draw different masks)."""
     torch.manual_seed(0)
-    attention = common.SelfAttention(tiny_config(attention_probs_dropout_prob=0.0)).train(training)
+    attention = bert.SelfAttention(tiny_config(attention_probs_dropout_prob=0.0)).train(training)
     x = torch.randn(3, 9, 64)
     mask = padded_mask([9, 5, 2], 9)[:, None, None, :]  # (B, 1, 1, T): keys only
     results = []
@@ -47,7 +48,8 @@ def test_written_out_attention_equals_sdpa(training):
         xs = x.clone().requires_grad_()
         y = attention(xs, mask)
         (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
-        results.append((y.detach(), xs.grad, attention.query.weight.grad.clone(), attention.key.weight.grad.clone()))
+        results.append((y.detach(), xs.grad, attention.query.weight.grad.clone(),
+                        attention.key.weight.grad.clone()))
     for fused, written_out in zip(*results):
         torch.testing.assert_close(written_out, fused, atol=1e-5, rtol=1e-5)
     # The mask matters: without it the written-out path attends to padding and differs.
@@ -56,9 +58,10 @@ def test_written_out_attention_equals_sdpa(training):
 
 
 def test_written_out_attention_in_the_whole_model():
-    """Our BERT with every layer on the written-out path gives SDPA's token states, padding included."""
+    """Our BERT with every layer on the written-out path gives SDPA's token states, padding
+    included."""
     torch.manual_seed(0)
-    model = common.BertModel(tiny_config()).eval()
+    model = bert.BertModel(tiny_config()).eval()
     input_ids = torch.randint(1, 300, (4, 12))
     mask = padded_mask([12, 7, 3, 10], 12)
     use_sdpa(model, True)
@@ -69,10 +72,11 @@ def test_written_out_attention_in_the_whole_model():
 
 @pytest.mark.parametrize("sdpa", [False, True])
 def test_training_flops_match_torch_flop_counter(sdpa):
-    """The formula behind the bench's MFU against torch.utils.flop_counter on one forward+backward."""
+    """The formula behind the bench's MFU against torch.utils.flop_counter on one
+    forward+backward."""
     torch.manual_seed(0)
     cfg = tiny_config(num_hidden_layers=3)
-    model = common.BertClassifier(common.BertModel(cfg))
+    model = bert.BertClassifier(bert.BertModel(cfg))
     use_sdpa(model, sdpa)
     B, T = 5, 11
     with FlopCounterMode(display=False) as counter:
@@ -81,13 +85,17 @@ def test_training_flops_match_torch_flop_counter(sdpa):
     assert counter.get_total_flops() == training_flops(cfg, B, T)
 
 
+@needs_rows
 def test_speed_ablation_cpu_smoke():
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "speed_ablation.py"), "--cpu-smoke",
-                           "--data", str(AGNEWS_DIR)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           "--data", str(AGNEWS_DIR)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    rungs = re.findall(r"^\| (\d) \| (.+?) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+)x \|", out, re.MULTILINE)
-    assert [(int(i), name) for i, name, *_ in rungs] == [(i, name) for i, (name, _) in enumerate(TRICKS)], out
+    rungs = re.findall(r"^\| (\d) \| (.+?) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+)x \|", out,
+                       re.MULTILINE)
+    assert ([(int(i), name) for i, name, *_ in rungs]
+            == [(i, name) for i, (name, _) in enumerate(TRICKS)]), out
     assert all(float(rate) > 0 for _, _, rate, _, _ in rungs)
     assert float(rungs[0][4]) == 1.0  # rung 0 over itself
     ratios = re.search(r"^\| ours / transformers \| ([\d.]+)x \| ([\d.]+)x \|", out, re.MULTILINE)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 
+import bert
 import common
 
 TOL = 1e-5  # max abs difference, fp32
@@ -19,7 +20,7 @@ def padded_batch(vocab_size, lengths, generator):
 
 
 def compare(model_dir, input_ids, mask):
-    ours = common.BertModel.from_pretrained(model_dir).eval()
+    ours = bert.BertModel.from_pretrained(model_dir).eval()
     theirs = transformers.BertModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         hidden = ours(input_ids, mask)
@@ -35,17 +36,19 @@ def test_minilm_matches_transformers_on_padded_batch():
     generator = torch.Generator()
     print(f"input seed {generator.seed()}")  # shown on failure
     input_ids, mask = padded_batch(30522, [37, 5, 128, 64], generator)
-    compare(common.resolve_model("minilm"), input_ids, mask)
+    compare(bert.resolve_model("minilm"), input_ids, mask)
 
 
-@pytest.mark.parametrize("layers,hidden,heads,intermediate", [(1, 32, 2, 64), (3, 48, 4, 80), (2, 64, 8, 256)])
+@pytest.mark.parametrize("layers,hidden,heads,intermediate", [(1, 32, 2, 64), (3, 48, 4, 80),
+                                                              (2, 64, 8, 256)])
 def test_random_config_matches_transformers(tmp_path, layers, hidden, heads, intermediate):
     config = transformers.BertConfig(vocab_size=97, hidden_size=hidden, num_hidden_layers=layers,
                                      num_attention_heads=heads, intermediate_size=intermediate,
                                      max_position_embeddings=64)
     torch.manual_seed(torch.seed())
     ref = transformers.BertModel(config)
-    for p in ref.parameters():  # the default init leaves biases and LayerNorms at 0/1: perturb them all
+    # the default init leaves biases and LayerNorms at 0/1: perturb them all
+    for p in ref.parameters():
         p.data.add_(torch.randn_like(p) * 0.05)
     ref.save_pretrained(tmp_path)
     generator = torch.Generator().manual_seed(torch.seed())
@@ -53,17 +56,19 @@ def test_random_config_matches_transformers(tmp_path, layers, hidden, heads, int
     compare(tmp_path, input_ids, mask)
 
 
-def test_batch_without_padding_uses_no_mask_and_matches(tmp_path):
-    """An all-real batch skips the mask (SDPA's fast path): same numbers as with the mask."""
-    model = common.BertModel(common.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
-                                               num_attention_heads=4, intermediate_size=64)).eval()
+def test_an_all_real_mask_gives_what_no_mask_gives(tmp_path):
+    """A batch without padding gives the same hidden states with its all-True mask as with no mask
+    at all, so passing the mask always (as bert.py does, to avoid asking the GPU "any padding?")
+    costs no accuracy."""
+    model = bert.BertModel(bert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=64)).eval()
     input_ids = torch.randint(0, 50, (3, 11))
     mask = torch.ones(3, 11, dtype=torch.bool)
     with torch.no_grad():
         assert torch.allclose(model(input_ids, mask), model(input_ids, None), atol=1e-6)
 
 
-# -- bad checkpoints: one clear error naming what is wrong --------------------------------------------
+# -- bad checkpoints: one clear error naming what is wrong -----------------------------------------
 def write_model(tmp_path, state, config):
     from safetensors.torch import save_file
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -73,18 +78,21 @@ def write_model(tmp_path, state, config):
 @pytest.fixture
 def small_checkpoint(tmp_path):
     config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=16)
     transformers.BertModel(config).save_pretrained(tmp_path)
     from safetensors.torch import load_file
-    return tmp_path, load_file(tmp_path / "model.safetensors"), json.loads((tmp_path / "config.json").read_text())
+    return (tmp_path, load_file(tmp_path / "model.safetensors"),
+            json.loads((tmp_path / "config.json").read_text()))
 
 
 def test_missing_key_is_named(small_checkpoint):
     path, state, config = small_checkpoint
     del state["encoder.layer.0.attention.self.query.weight"]
     write_model(path, state, config)
-    with pytest.raises(common.UserError, match=r"missing \['encoder.layer.0.attention.self.query.weight'\]"):
-        common.BertModel.from_pretrained(path)
+    with pytest.raises(common.UserError,
+                       match=r"missing \['encoder.layer.0.attention.self.query.weight'\]"):
+        bert.BertModel.from_pretrained(path)
 
 
 def test_unexpected_key_is_named(small_checkpoint):
@@ -92,22 +100,24 @@ def test_unexpected_key_is_named(small_checkpoint):
     state["encoder.layer.7.mystery.weight"] = torch.zeros(2)
     write_model(path, state, config)
     with pytest.raises(common.UserError, match=r"unexpected \['encoder.layer.7.mystery.weight'\]"):
-        common.BertModel.from_pretrained(path)
+        bert.BertModel.from_pretrained(path)
 
 
 def test_misshaped_key_is_named(small_checkpoint):
     path, state, config = small_checkpoint
     config["intermediate_size"] = 48  # the checkpoint has 32
     write_model(path, state, config)
-    with pytest.raises(common.UserError, match=r"mis-shaped \['encoder.layer.0.intermediate.dense.weight \(32, 16\) != \(48, 16\)'"):
-        common.BertModel.from_pretrained(path)
+    with pytest.raises(common.UserError,
+                       match=r"mis-shaped \['encoder.layer.0.intermediate.dense.weight "
+                             r"\(32, 16\) != \(48, 16\)'"):
+        bert.BertModel.from_pretrained(path)
 
 
 def test_corrupt_safetensors_is_one_line(small_checkpoint):
     path, _, _ = small_checkpoint
     (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(common.UserError, match="not a readable safetensors file"):
-        common.BertModel.from_pretrained(path)
+        bert.BertModel.from_pretrained(path)
 
 
 def test_unsupported_config_is_named(small_checkpoint):
@@ -115,28 +125,29 @@ def test_unsupported_config_is_named(small_checkpoint):
     config["hidden_act"] = "relu"
     write_model(path, state, config)
     with pytest.raises(common.UserError, match="hidden_act 'relu' is not supported"):
-        common.BertModel.from_pretrained(path)
+        bert.BertModel.from_pretrained(path)
 
 
 def test_unknown_model_name_is_one_line(tmp_path):
-    with pytest.raises(common.UserError, match="expected minilm, bert-base-uncased or a model folder"):
-        common.resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(common.UserError,
+                       match="expected minilm, bert-base-uncased or a model folder"):
+        bert.resolve_model(str(tmp_path / "nope"))
 
 
 def test_unknown_head_is_named():
-    bert = common.BertModel(common.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
-                                              num_attention_heads=2, intermediate_size=16))
+    encoder = bert.BertModel(bert.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=16))
     with pytest.raises(common.UserError, match="unknown head 'gru'"):
-        common.BertClassifier(bert, head="gru")
+        bert.BertClassifier(encoder, head="gru")
 
 
-@pytest.mark.parametrize("head", common.HEAD_NAMES)
+@pytest.mark.parametrize("head", bert.HEAD_NAMES)
 def test_every_head_gives_a_row_the_same_logits_alone_or_padded_in_a_batch(head):
     """Padding must not change a prediction: a test row's result may not depend on its batch."""
     torch.manual_seed(torch.seed())
-    bert = common.BertModel(common.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
-                                              num_attention_heads=4, intermediate_size=64))
-    model = common.BertClassifier(bert, head=head).eval()
+    encoder = bert.BertModel(bert.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64))
+    model = bert.BertClassifier(encoder, head=head).eval()
     input_ids, mask = padded_batch(60, [5, 17, 2], torch.Generator().manual_seed(torch.seed()))
     with torch.no_grad():
         batched = model(input_ids, mask)

@@ -1,5 +1,6 @@
-"""analyze.py --compare: seeds pooled into experiments, paired bootstrap intervals and exact McNemar
-p-values checked on predictions whose answer is known, and the table written as md, csv and png."""
+"""compare.py (analyze.py --compare): seeds pooled into experiments, paired bootstrap intervals and
+exact McNemar p-values checked on predictions whose answer is known, and the table written as md,
+csv and png (on copies of a tiny trained run: needs AG News rows)."""
 import json
 import os
 import shutil
@@ -12,6 +13,8 @@ from sklearn.metrics import f1_score
 
 import analyze
 import common
+import compare
+from conftest import needs_rows
 
 
 def test_macro_f1_from_counts_matches_sklearn():
@@ -19,12 +22,13 @@ def test_macro_f1_from_counts_matches_sklearn():
     labels, preds = rng.integers(0, 4, 500), rng.integers(0, 4, 500)
     preds[:200] = labels[:200]
     weights = np.ones((1, 500))
-    assert analyze.bootstrap_f1(preds[None], labels, weights)[0, 0] == pytest.approx(
+    assert compare.bootstrap_f1(preds[None], labels, weights)[0, 0] == pytest.approx(
         f1_score(labels, preds, average="macro"), abs=1e-12)
     # A resample is the rows repeated as often as drawn: same as sklearn on the repeated rows.
     draw = rng.integers(0, 3, 500)
     repeated = np.repeat(np.arange(500), draw)
-    assert analyze.bootstrap_f1(preds[None], labels, draw[None].astype(float))[0, 0] == pytest.approx(
+    resampled = compare.bootstrap_f1(preds[None], labels, draw[None].astype(float))[0, 0]
+    assert resampled == pytest.approx(
         f1_score(labels[repeated], preds[repeated], average="macro"), abs=1e-12)
 
 
@@ -32,10 +36,10 @@ def test_identical_predictions_differ_by_zero_with_p_one():
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 4, 400)
     preds = np.where(rng.random(400) < 0.8, labels, rng.integers(0, 4, 400))[None]   # (1, N)
-    diff, low, high = analyze.paired_bootstrap(preds, preds.copy(), labels, samples=300)
+    diff, low, high = compare.paired_bootstrap(preds, preds.copy(), labels, samples=300)
     assert diff == 0 and low == 0 and high == 0
     right = preds[0] == labels
-    assert analyze.mcnemar_exact(right, right.copy()) == 1.0
+    assert compare.mcnemar_exact(right, right.copy()) == 1.0
 
 
 @pytest.mark.parametrize("k", [1, 5, 9])
@@ -49,11 +53,12 @@ def test_a_model_fixing_k_errors_and_breaking_none(k):
     a[wrong] = (labels[wrong] + 1) % 4
     b = a.copy()
     b[wrong[:k]] = labels[wrong[:k]]
-    p = analyze.mcnemar_exact(b == labels, a == labels)
+    p = compare.mcnemar_exact(b == labels, a == labels)
     assert p == pytest.approx(min(1.0, 2 * binom.cdf(0, k, 0.5)), rel=1e-12)
     assert p == pytest.approx(min(1.0, 2 / 2 ** k), rel=1e-12)
-    diff, low, high = analyze.paired_bootstrap(b[None], a[None], labels, samples=500)
-    assert diff == pytest.approx(f1_score(labels, b, average="macro") - f1_score(labels, a, average="macro"))
+    diff, low, high = compare.paired_bootstrap(b[None], a[None], labels, samples=500)
+    assert diff == pytest.approx(f1_score(labels, b, average="macro")
+                                 - f1_score(labels, a, average="macro"))
     # Fixing without breaking can only help on any resample: the interval never goes below 0.
     assert 0 <= low <= diff <= high
 
@@ -67,13 +72,13 @@ def test_seeds_widen_the_interval():
         return np.where(rng.random(800) < accuracy, labels, (labels + 1) % 4)
     a = np.stack([seed_preds(acc) for acc in (0.70, 0.80, 0.90)])
     b = np.stack([seed_preds(acc) for acc in (0.72, 0.82, 0.88)])
-    _, low3, high3 = analyze.paired_bootstrap(a, b, labels, samples=600)
-    _, low1, high1 = analyze.paired_bootstrap(a[1:2], b[1:2], labels, samples=600)
+    _, low3, high3 = compare.paired_bootstrap(a, b, labels, samples=600)
+    _, low1, high1 = compare.paired_bootstrap(a[1:2], b[1:2], labels, samples=600)
     assert high3 - low3 > 1.5 * (high1 - low1)
     assert low3 < 0 < high3  # spread over seeds this large: inside the noise
 
 
-# -- the command on run folders ----------------------------------------------------------------------
+# -- the command on run folders -------------------------------------------------------------------
 def fake_seed(tiny_lstm_run, dest, seed, flip, **config_changes):
     """A copy of the tiny run as if trained with another seed (its predictions perturbed on `flip`
     rows), or as another experiment (config_changes in its args)."""
@@ -88,6 +93,7 @@ def fake_seed(tiny_lstm_run, dest, seed, flip, **config_changes):
     return dest
 
 
+@needs_rows
 def test_compare_groups_seeds_marks_differences_and_writes_files(tiny_lstm_run, tmp_path, capsys):
     root = tmp_path / "runs"
     for seed in (0, 1, 2):
@@ -102,43 +108,48 @@ def test_compare_groups_seeds_marks_differences_and_writes_files(tiny_lstm_run, 
     analyze.main(["--compare", str(root), "--baseline", "steady", "--out", str(tmp_path / "cmp")])
     out = capsys.readouterr().out
     assert f"left out (scored on other rows than the 7 runs compared): {other}" in out
-    rows = {r[0]: r for r in (line.split(",") for line in (tmp_path / "cmp" / "compare.csv").read_text().splitlines())}
+    rows = {r[0]: r for r in (line.split(",") for line
+                              in (tmp_path / "cmp" / "compare.csv").read_text().splitlines())}
     assert set(rows) == {"experiment", "steady", "broken", "single"}
     assert rows["steady"][1] == "3" and rows["broken"][1] == "3" and rows["single"][1] == "1"
     markdown = (tmp_path / "cmp" / "compare.md").read_text()
     broken_line = next(line for line in markdown.splitlines() if line.startswith("| broken |"))
-    assert broken_line.count("±") >= 4 and " *" in broken_line        # 60 of 200 rows flipped: real
+    assert broken_line.count("±") >= 4 and " *" in broken_line  # 60 of 200 rows flipped: real
     steady_line = next(line for line in markdown.splitlines() if line.startswith("| steady |"))
     assert "baseline" in steady_line
     with Image.open(tmp_path / "cmp" / "compare.png") as image:
-        assert image.size == (analyze.COMPARE_WIDTH * analyze.DPI, int((2 + 0.45 * 3) * analyze.DPI))
+        assert image.size == (compare.COMPARE_WIDTH * common.DPI,
+                              int((2 + 0.45 * 3) * common.DPI))
 
     with pytest.raises(common.UserError, match="--baseline nope: no such experiment"):
         analyze.main(["--compare", str(root), "--baseline", "nope", "--out", str(tmp_path / "cmp")])
 
 
 def test_experiment_key_ignores_only_the_seed_and_bookkeeping():
-    config = {"script": "train_bert", "head": "pooler", "args": {"seed": 0, "seeds": [0, 1], "out": "a",
-                                                                 "device": "cpu", "lr": 5e-5, "resume": False}}
+    config = {"script": "train_bert", "head": "pooler",
+              "args": {"seed": 0, "seeds": [0, 1], "out": "a", "device": "cpu", "lr": 5e-5,
+                       "resume": False}}
     same = json.loads(json.dumps(config))
     same["args"].update(seed=1, out="b", device="cuda", resume=True)
     other = json.loads(json.dumps(config))
     other["args"]["lr"] = 1e-4
-    assert analyze.experiment_key(config) == analyze.experiment_key(same)
-    assert analyze.experiment_key(config) != analyze.experiment_key(other)
+    assert compare.experiment_key(config) == compare.experiment_key(same)
+    assert compare.experiment_key(config) != compare.experiment_key(other)
 
 
+@needs_rows
 def test_one_seed_of_one_experiment_counts_once(tiny_lstm_run, tmp_path, capsys):
     """runs/x and runs/x-2 (the same command typed twice, same seed) are one seed, not two: the
     newer counts and the other is named."""
     root = tmp_path / "runs"
     older = fake_seed(tiny_lstm_run, root / "x", 0, flip=2)
     newer = fake_seed(tiny_lstm_run, root / "x-2", 0, flip=4)
-    os.utime(older / "metrics.json", (1, 1))        # older by its metrics.json's time, as find_runs sorts
+    os.utime(older / "metrics.json", (1, 1))  # older by its metrics.json's time, as find_runs sorts
     fake_seed(tiny_lstm_run, root / "y", 0, flip=5, lr=0.5)
-    [x] = [e for e in analyze.gather_experiments([root]) if e.name.startswith("x")]
+    [x] = [e for e in compare.gather_experiments([root]) if e.name.startswith("x")]
     assert x.runs == [newer]
-    assert f"left out: {older} (seed 0 of the experiment of {newer}, which is newer)" in capsys.readouterr().out
+    assert (f"left out: {older} (seed 0 of the experiment of {newer}, which is newer)"
+            in capsys.readouterr().out)
 
 
 def test_paired_seeds_take_out_the_noise_the_seeds_share():
@@ -147,12 +158,13 @@ def test_paired_seeds_take_out_the_noise_the_seeds_share():
     their own, the seed spread swamps it."""
     rng = np.random.default_rng(4)
     labels = rng.integers(0, 4, 800)
-    a = np.stack([np.where(rng.random(800) < acc, labels, (labels + 1) % 4) for acc in (0.70, 0.80, 0.90)])
+    a = np.stack([np.where(rng.random(800) < acc, labels, (labels + 1) % 4)
+                  for acc in (0.70, 0.80, 0.90)])
     b = a.copy()
     for k in range(3):
         wrong = np.flatnonzero(a[k] != labels)[:12]
         b[k, wrong] = labels[wrong]
-    _, low, high = analyze.paired_bootstrap(b, a, labels, samples=500, paired_seeds=True)
+    _, low, high = compare.paired_bootstrap(b, a, labels, samples=500, paired_seeds=True)
     assert 0 < low <= high
-    _, low, high = analyze.paired_bootstrap(b, a, labels, samples=500, paired_seeds=False)
+    _, low, high = compare.paired_bootstrap(b, a, labels, samples=500, paired_seeds=False)
     assert low < 0 < high

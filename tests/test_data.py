@@ -1,4 +1,5 @@
-"""AG News loading: canonical rows load, every kind of bad row stops with file:line, splits are stable."""
+"""AG News loading: canonical rows load, every kind of bad row stops with file:line, splits are
+stable."""
 import csv
 import io
 import tarfile
@@ -9,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import bert
 import common
-
-AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
+from conftest import AGNEWS_DIR, NO_ROWS
 
 
 def write_rows(path, text):
@@ -19,7 +20,8 @@ def write_rows(path, text):
     return path
 
 
-GOOD = '"3","Wall St. Bears","Reuters - Short-sellers\\band of ultra-cynics."\n"1","Title","Desc #39;s  #36;10 quot;hi quot; AT amp;T &lt;b&gt;"\n'
+GOOD = ('"3","Wall St. Bears","Reuters - Short-sellers\\band of ultra-cynics."\n'
+        '"1","Title","Desc #39;s  #36;10 quot;hi quot; AT amp;T &lt;b&gt;"\n')
 
 
 def test_canonical_rows_load_and_clean(tmp_path):
@@ -55,14 +57,17 @@ def test_missing_folder_is_one_line(tmp_path):
         common.find_data_dir(str(tmp_path))
 
 
-field = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+field = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                max_size=40)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.tuples(st.integers(1, 4), field, field), min_size=1, max_size=8))
 def test_fuzz_canonical_rows_round_trip_or_fail_cleanly(tmp_path, rows):
     """Rows written the way the release writes them load back with their labels in order, unless a
-    text is empty after cleaning, which must be the one clear error — never a traceback or a drop."""
+    text is empty after cleaning, which must be the one clear error — never a traceback or a
+    drop."""
     buf = io.StringIO()
     csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
     path = write_rows(tmp_path / "f.csv", buf.getvalue())
@@ -76,7 +81,8 @@ def test_fuzz_canonical_rows_round_trip_or_fail_cleanly(tmp_path, rows):
     assert split.texts == [common.clean_text(f"{t} {d}") for _, t, d in rows]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(content=st.binary(max_size=200))
 def test_fuzz_arbitrary_bytes_load_or_raise_user_error(tmp_path, content):
     path = write_rows(tmp_path / "g.csv", content)
@@ -91,13 +97,16 @@ def test_fuzz_arbitrary_bytes_load_or_raise_user_error(tmp_path, content):
 # -- the real data ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def splits():
+    if AGNEWS_DIR is None:
+        pytest.skip(NO_ROWS)
     return common.load_ag_news(AGNEWS_DIR)
 
 
 def test_real_splits_are_official_and_disjoint(splits):
     assert len(splits["test"]) == 7600
     assert np.bincount(splits["test"].labels).tolist() == [1900] * 4
-    assert len(splits["train"]) + len(splits["val"]) == len(common.load_csv(AGNEWS_DIR / "train.csv"))
+    assert (len(splits["train"]) + len(splits["val"])
+            == len(common.load_csv(AGNEWS_DIR / "train.csv")))
     assert common.load_ag_news(AGNEWS_DIR)["val"].fingerprint() == splits["val"].fingerprint()
 
 
@@ -110,7 +119,7 @@ def test_validation_slice_is_stratified_and_independent_of_train_size(splits):
     assert np.abs(np.bincount(splits["val"].labels) / len(splits["val"]) - full).max() < 0.01
 
 
-# -- batches -----------------------------------------------------------------------------------------
+# -- batches --------------------------------------------------------------------------------------
 def test_batches_cover_every_row_once_and_bucketing_cuts_padding():
     lengths = np.random.default_rng().integers(5, 128, size=5000)
     for bucket in (False, True):
@@ -128,17 +137,18 @@ def test_ddp_shards_are_disjoint_and_equal_in_count():
     assert len({len(s) for s in shards}) == 1
     rows = [np.concatenate(s) for s in shards]
     assert sum(len(r) for r in rows) == len(set(np.concatenate(rows).tolist()))
-    assert sum(len(r) for r in rows) >= 1001 - 2 * 16  # at most the batches that do not divide evenly
+    # at most the batches that do not divide evenly
+    assert sum(len(r) for r in rows) >= 1001 - 2 * 16
 
 
 def test_encode_truncates_keeping_sep():
-    tokenizer = common.load_tokenizer(common.resolve_model("minilm"))
+    tokenizer = common.load_tokenizer(bert.resolve_model("minilm"))
     ids = common.encode(tokenizer, ["word " * 300, "short text"], max_len=16)
     assert len(ids[0]) == 16 and ids[0][0] == 101 and ids[0][-1] == 102
     assert ids[1].tolist() == tokenizer.encode("short text").ids
 
 
-# -- the download (offline: a local archive stands in for the release) ------------------------------
+# -- the download (offline: a local archive stands in for the release) ---------------------------
 def fake_release(tmp_path, monkeypatch, test_rows):
     folder = tmp_path / "release" / "ag_news_csv"
     folder.mkdir(parents=True)
@@ -148,8 +158,10 @@ def fake_release(tmp_path, monkeypatch, test_rows):
     archive = tmp_path / "release.tgz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname="ag_news_csv")
-    monkeypatch.setattr(common, "download", lambda url, dest: Path(dest).write_bytes(archive.read_bytes()))
-    monkeypatch.setattr(common, "AGNEWS_TEST_MD5", common.md5_of(folder / "test.csv") if test_rows == GOOD else "0" * 32)
+    monkeypatch.setattr(common, "download",
+                        lambda url, dest: Path(dest).write_bytes(archive.read_bytes()))
+    monkeypatch.setattr(common, "AGNEWS_TEST_MD5",
+                        common.md5_of(folder / "test.csv") if test_rows == GOOD else "0" * 32)
     monkeypatch.setattr(common, "AGNEWS_TRAIN_ROWS", 2)
     monkeypatch.delenv("AGNEWS_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -158,12 +170,15 @@ def fake_release(tmp_path, monkeypatch, test_rows):
 def test_download_unpacks_checks_and_finds_the_release(tmp_path, monkeypatch):
     fake_release(tmp_path, monkeypatch, GOOD)
     assert common.find_data_dir() == Path("data/ag_news")
-    assert sorted(p.name for p in (tmp_path / "data/ag_news").iterdir()) == ["classes.txt", "test.csv", "train.csv"]
-    assert len(common.load_csv(common.find_data_dir() / "test.csv")) == 2  # found again, no download
+    assert (sorted(p.name for p in (tmp_path / "data/ag_news").iterdir())
+            == ["classes.txt", "test.csv", "train.csv"])
+    # found again, no download
+    assert len(common.load_csv(common.find_data_dir() / "test.csv")) == 2
 
 
 def test_a_download_that_fails_its_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
     fake_release(tmp_path, monkeypatch, '"1","other","rows"\n')
     with pytest.raises(common.UserError, match="differs from the official test set"):
         common.find_data_dir()
-    assert not (tmp_path / "data").exists()  # no empty data/ag_news/ left for the next run to stumble on
+    # no empty data/ag_news/ left for the next run to stumble on
+    assert not (tmp_path / "data").exists()

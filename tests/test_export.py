@@ -1,7 +1,7 @@
 """export.py: a finished run -> a HuggingFace folder, checked with the real clients. transformers'
-pipeline and AutoModelForSequenceClassification, and peft's PeftModel on the exported base, must give
-the probabilities the run itself saved (test_probs.npy) on the same real test rows; other heads and
-broken run folders stop with one line; the folder appears whole or not at all."""
+pipeline and AutoModelForSequenceClassification, and peft's PeftModel on the exported base, must
+give the probabilities the run itself saved (test_probs.npy) on the same real test rows; other heads
+and broken run folders stop with one line; the folder appears whole or not at all."""
 import os
 import shutil
 import subprocess
@@ -14,13 +14,13 @@ import pytest
 import torch
 import transformers
 
+import bert
 import common
 import export
 import train_bert
 import train_lora
-from conftest import single_thread
+from conftest import AGNEWS_DIR, NO_ROWS, single_thread
 
-AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LEN = 48
 SMALL_RUN = ["--train-size", "160", "--val-size", "40", "--test-size", "80", "--epochs", "1",
@@ -31,6 +31,8 @@ SMALL_RUN = ["--train-size", "160", "--val-size", "40", "--test-size", "80", "--
 @pytest.fixture(scope="module")
 def pooler_run(tmp_path_factory):
     """A finished full fine-tune with the pooler head, and its export."""
+    if AGNEWS_DIR is None:
+        pytest.skip(NO_ROWS)
     run_dir = tmp_path_factory.mktemp("runs") / "bert_pooler"
     with single_thread():
         train_bert.main([*SMALL_RUN, "--out", str(run_dir)])
@@ -41,6 +43,8 @@ def pooler_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A finished LoRA run (pooler head), and its export with --peft."""
+    if AGNEWS_DIR is None:
+        pytest.skip(NO_ROWS)
     run_dir = tmp_path_factory.mktemp("runs") / "lora"
     with single_thread():
         train_lora.main([*SMALL_RUN, "--r", "4", "--out", str(run_dir)])
@@ -49,9 +53,11 @@ def lora_run(tmp_path_factory):
 
 
 def as_class_columns(results):
-    """pipeline(top_k=None) output, [[{label, score}, ...] per text] -> (N, 4) in CLASS_NAMES order."""
+    """pipeline(top_k=None) output, [[{label, score}, ...] per text] -> (N, 4) in CLASS_NAMES
+    order."""
     assert all(sorted(d["label"] for d in r) == sorted(common.CLASS_NAMES) for r in results)
-    return np.array([[{d["label"]: d["score"] for d in r}[name] for name in common.CLASS_NAMES] for r in results])
+    return np.array([[{d["label"]: d["score"] for d in r}[name] for name in common.CLASS_NAMES]
+                     for r in results])
 
 
 @torch.no_grad()
@@ -62,24 +68,29 @@ def hf_probs(model, tokenizer, texts, **tokenizer_kwargs):
 
 
 def check_against_run(run_dir, hf_dir):
-    """pipeline and AutoModelForSequenceClassification on hf_dir give the run's saved test probabilities."""
+    """pipeline and AutoModelForSequenceClassification on hf_dir give the run's saved test
+    probabilities."""
     rows = common.load_scored_split(run_dir, "test")
     saved = common.load_probs(run_dir, "test", len(rows))
     with single_thread():
-        classify = transformers.pipeline("text-classification", model=str(hf_dir), top_k=None, truncation=True,
-                                         device="cpu")
-        np.testing.assert_allclose(as_class_columns(classify(list(rows.texts))), saved, atol=1e-4, rtol=0)
+        classify = transformers.pipeline("text-classification", model=str(hf_dir), top_k=None,
+                                         truncation=True, device="cpu")
+        np.testing.assert_allclose(as_class_columns(classify(list(rows.texts))), saved,
+                                   atol=1e-4, rtol=0)
 
-        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir, output_loading_info=True)
+        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            hf_dir, output_loading_info=True)
         assert info["missing_keys"] == info["unexpected_keys"] == info["mismatched_keys"] == set()
         assert model.config.id2label == dict(enumerate(common.CLASS_NAMES))
         tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-        np.testing.assert_allclose(hf_probs(model, tokenizer, rows.texts, truncation=True), saved, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(hf_probs(model, tokenizer, rows.texts, truncation=True), saved,
+                                   atol=1e-4, rtol=0)
 
-        # The rows longer than --max-len are where the cut matters: transformers' truncation gives the
-        # ids common.encode gives ([CLS] ... [SEP], cut keeping the final [SEP]), and without it the
-        # probabilities are not the run's.
-        ours = common.encode(common.load_tokenizer(common.resolve_model("minilm")), rows.texts, MAX_LEN)
+        # The rows longer than --max-len are where the cut matters: transformers' truncation gives
+        # the ids common.encode gives ([CLS] ... [SEP], cut keeping the final [SEP]), and without it
+        # the probabilities are not the run's.
+        ours = common.encode(common.load_tokenizer(bert.resolve_model("minilm")), rows.texts,
+                             MAX_LEN)
         theirs = tokenizer(list(rows.texts), truncation=True)["input_ids"]
         assert [list(r) for r in ours] == theirs
         whole = tokenizer(list(rows.texts))["input_ids"]
@@ -92,7 +103,8 @@ def test_pooler_run_exports_to_what_transformers_loads(pooler_run):
     run_dir, hf_dir = pooler_run
     check_against_run(run_dir, hf_dir)
     config = common.load_json(hf_dir / "config.json")
-    assert config["architectures"] == ["BertForSequenceClassification"] and config["problem_type"] == "single_label_classification"
+    assert (config["architectures"] == ["BertForSequenceClassification"]
+            and config["problem_type"] == "single_label_classification")
     assert config["label2id"] == {name: i for i, name in enumerate(common.CLASS_NAMES)}
     assert not (hf_dir / export.ADAPTER_DIR).exists()
 
@@ -101,19 +113,25 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter(lora_run):
     run_dir, hf_dir = lora_run
     rows, saved, tokenizer = check_against_run(run_dir, hf_dir)   # the merged folder
     with single_thread():
-        base = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir / export.BASE_DIR)
-        # The base's classifier is zeros: were the adapter's classifier (modules_to_save) not loaded,
-        # every class would come out at 0.25.
-        np.testing.assert_allclose(hf_probs(base, tokenizer, rows.texts[:4], truncation=True), 0.25, atol=1e-7)
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(
+            hf_dir / export.BASE_DIR)
+        # The base's classifier is zeros: were the adapter's classifier (modules_to_save) not
+        # loaded, every class would come out at 0.25.
+        np.testing.assert_allclose(hf_probs(base, tokenizer, rows.texts[:4], truncation=True), 0.25,
+                                   atol=1e-7)
         model = peft.PeftModel.from_pretrained(base, hf_dir / export.ADAPTER_DIR)
-        np.testing.assert_allclose(hf_probs(model, tokenizer, rows.texts, truncation=True), saved, atol=1e-4, rtol=0)
-    adapted = sorted(name.removeprefix("base_model.model.") for name, module in model.named_modules()
+        np.testing.assert_allclose(hf_probs(model, tokenizer, rows.texts, truncation=True), saved,
+                                   atol=1e-4, rtol=0)
+    adapted = sorted(name.removeprefix("base_model.model.")
+                     for name, module in model.named_modules()
                      if isinstance(module, peft.tuners.lora.LoraLayer))
-    assert adapted == sorted(f"bert.encoder.layer.{i}.attention.self.{t}" for i in range(6) for t in ("query", "value"))
+    assert adapted == sorted(f"bert.encoder.layer.{i}.attention.self.{t}"
+                             for i in range(6) for t in ("query", "value"))
 
 
-HF_TARGETS = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-              "out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"}
+HF_TARGETS = {"query": "attention.self.query", "key": "attention.self.key",
+              "value": "attention.self.value", "out": "attention.output.dense",
+              "ffn_in": "intermediate.dense", "ffn_out": "output.dense"}
 
 
 @pytest.mark.parametrize("targets", [list(train_lora.TARGETS), ["key", "ffn_out"]])
@@ -122,18 +140,20 @@ def test_every_lora_target_lands_on_the_same_layer_in_peft(tmp_path, targets):
     what we compute. ffn_out without out is the trap: ffn_out's "output.dense" is a suffix of out's
     "attention.output.dense"."""
     torch.manual_seed(0)
-    cfg = common.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, max_position_embeddings=64)
-    model = common.BertClassifier(common.BertModel(cfg), "pooler", dropout=0.0).eval()
+    cfg = bert.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    model = bert.BertClassifier(bert.BertModel(cfg), "pooler", dropout=0.0).eval()
     config = {"dropout": 0.0, "r": 2, "alpha": 3, "lora_dropout": 0.0, "targets": targets}
     zeros = torch.zeros_like(model.classifier.weight), torch.zeros_like(model.classifier.bias)
     export.write_model(tmp_path / "base", model.bert, *zeros, config)
     input_ids = torch.randint(1, cfg.vocab_size, (3, 10))
-    attention_mask = torch.arange(10)[None, :] < torch.tensor([[10], [7], [4]])  # (B, T), rows padded
+    # (B, T), rows padded
+    attention_mask = torch.arange(10)[None, :] < torch.tensor([[10], [7], [4]])
     input_ids[~attention_mask] = 0
     with torch.no_grad():
         without_lora = model(input_ids, attention_mask)
-        train_lora.inject_lora(model, config["targets"], config["r"], config["alpha"], config["lora_dropout"])
+        train_lora.inject_lora(model, config["targets"], config["r"], config["alpha"],
+                               config["lora_dropout"])
         for lora in train_lora.lora_layers(model):
             lora.lora_B.normal_(0, 0.5)  # B starts at zero; a trained one is not
         ours = model(input_ids, attention_mask)  # (B, 4)
@@ -143,21 +163,26 @@ def test_every_lora_target_lands_on_the_same_layer_in_peft(tmp_path, targets):
     with torch.no_grad():
         base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
         theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-        torch.testing.assert_close(theirs(input_ids=input_ids, attention_mask=attention_mask.long()).logits, ours,
+        torch.testing.assert_close(theirs(input_ids=input_ids,
+                                          attention_mask=attention_mask.long()).logits, ours,
                                    atol=1e-5, rtol=0)
         train_lora.merge_lora(model)
-        export.write_model(tmp_path / "merged", model.bert, model.classifier.weight, model.classifier.bias, config)
-        merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-        torch.testing.assert_close(merged(input_ids=input_ids, attention_mask=attention_mask.long()).logits, ours,
+        export.write_model(tmp_path / "merged", model.bert, model.classifier.weight,
+                           model.classifier.bias, config)
+        merged = transformers.AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / "merged").eval()
+        torch.testing.assert_close(merged(input_ids=input_ids,
+                                          attention_mask=attention_mask.long()).logits, ours,
                                    atol=1e-5, rtol=0)
-    adapted = {name.removeprefix("base_model.model.bert.") for name, module in theirs.named_modules()
+    adapted = {name.removeprefix("base_model.model.bert.")
+               for name, module in theirs.named_modules()
                if isinstance(module, peft.tuners.lora.LoraLayer)}
     assert adapted == {f"encoder.layer.{i}.{HF_TARGETS[t]}" for i in range(2) for t in targets}
 
 
 def run_export(*argv):
-    return subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, argv)], capture_output=True,
-                          text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, argv)],
+                          capture_output=True, text=True, cwd=ROOT)
 
 
 def copy_run(run_dir, dest, skip=()):
@@ -165,21 +190,27 @@ def copy_run(run_dir, dest, skip=()):
     return dest
 
 
-@pytest.mark.parametrize("change", [{"head": "textcnn"}, {"script": "train_lstm", "arch": "bilstm_attn"}])
+@pytest.mark.parametrize("change", [{"head": "textcnn"},
+                                    {"script": "train_lstm", "arch": "bilstm_attn"}])
 def test_runs_transformers_has_no_class_for_refuse_with_one_line(pooler_run, tmp_path, change):
-    # Only config.json decides, so the pooler run's folder with another config stands in for such a run.
+    # Only config.json decides, so the pooler run's folder with another config stands in for such a
+    # run.
     run_dir = copy_run(pooler_run[0], tmp_path / "run", skip=("model.safetensors",))
-    common.save_json(run_dir / "config.json", {**common.load_json(run_dir / "config.json"), **change})
+    common.save_json(run_dir / "config.json",
+                     {**common.load_json(run_dir / "config.json"), **change})
     result = run_export(run_dir, tmp_path / "hf")
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "transformers has no model class" in result.stderr, result.stderr
+    assert (result.stderr.count("\n") == 1
+            and "transformers has no model class" in result.stderr), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 @pytest.mark.parametrize("which", ["pooler", "lora"])
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_missing_or_corrupt_weights_stop_with_one_line(pooler_run, lora_run, tmp_path, which, damage):
-    run_dir, weights = (pooler_run[0], "model.safetensors") if which == "pooler" else (lora_run[0], "adapter.safetensors")
+def test_missing_or_corrupt_weights_stop_with_one_line(pooler_run, lora_run, tmp_path, which,
+                                                       damage):
+    run_dir, weights = ((pooler_run[0], "model.safetensors") if which == "pooler"
+                        else (lora_run[0], "adapter.safetensors"))
     copy = copy_run(run_dir, tmp_path / "run", skip=(weights,))
     if damage == "truncated":
         data = (run_dir / weights).read_bytes()
@@ -188,11 +219,13 @@ def test_missing_or_corrupt_weights_stop_with_one_line(pooler_run, lora_run, tmp
         export.main([str(copy), str(tmp_path / "hf")])
     message = str(err.value)
     assert "\n" not in message and str(copy / weights) in message, message
-    assert ("No such file" in message) if damage == "missing" else ("not a readable safetensors file" in message)
+    assert (("No such file" in message) if damage == "missing"
+            else ("not a readable safetensors file" in message))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_an_existing_folder_is_replaced_only_with_force_and_whole(pooler_run, tmp_path, monkeypatch):
+def test_an_existing_folder_is_replaced_only_with_force_and_whole(pooler_run, tmp_path,
+                                                                  monkeypatch):
     run_dir, _ = pooler_run
     out = tmp_path / "hf"
     out.mkdir()

@@ -1,7 +1,7 @@
-"""The training loop's machinery (common.py section 8): the device-side running loss, resume points
+"""The training loop's machinery (loop.py and awp.py): the device-side running loss, resume points
 inside an epoch (SIGKILL, SIGTERM), two processes under torchrun against one with --grad-accum 2,
-adversarial weight perturbation, --precision and --compile. Tiny random BERTs and LSTMs on real rows:
-what is checked is the machinery, not what the models learn."""
+adversarial weight perturbation, --precision and --compile. Tiny random BERTs and LSTMs on real
+rows: what is checked is the machinery, not what the models learn."""
 import argparse
 import json
 import shlex
@@ -17,28 +17,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import awp
+import bert
 import common
+import loop
+import run
 import train_lora
 import train_lstm
-from conftest import save_bert_folder
+from conftest import AGNEWS_DIR, made_up_rows, needs_rows, save_bert_folder
 
-AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 ROOT = Path(__file__).resolve().parents[1]
-CPU = common.Runtime(torch.device("cpu"), precision="fp32")  # the reference: fp32 whatever the CPU has
-TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=64)
+# the reference: fp32 whatever the CPU has
+CPU = common.Runtime(torch.device("cpu"), precision="fp32")
+TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64)
 
 
 def tiny_classifier(dropout=0.0, head="fc", layers=2):
     """A random 2-layer BERT of width 32 with MiniLM's vocabulary: a step takes milliseconds."""
     torch.manual_seed(0)
-    cfg = common.BertConfig(**{**TINY, "num_hidden_layers": layers}, hidden_dropout_prob=dropout,
-                            attention_probs_dropout_prob=dropout)
-    return common.BertClassifier(common.BertModel(cfg), head=head, dropout=dropout)
+    cfg = bert.BertConfig(**{**TINY, "num_hidden_layers": layers}, hidden_dropout_prob=dropout,
+                          attention_probs_dropout_prob=dropout)
+    return bert.BertClassifier(bert.BertModel(cfg), head=head, dropout=dropout)
 
 
 def loop_args(**overrides):
-    parser = common.add_common_args(argparse.ArgumentParser(), lr=1e-3, epochs=1)
+    parser = run.add_common_args(argparse.ArgumentParser(), lr=1e-3, epochs=1)
     args = parser.parse_args([])
     for key, value in {"batch_size": 16, "max_len": 32, "device": "cpu", **overrides}.items():
         setattr(args, key, value)
@@ -47,10 +51,10 @@ def loop_args(**overrides):
 
 @pytest.fixture(scope="module")
 def sample():
-    """160 training rows (10 batches of 16), tokenized once with MiniLM's vocabulary."""
-    splits = common.load_ag_news(AGNEWS_DIR, train_size=160, val_size=40, test_size=40)
-    tokenizer = common.load_tokenizer(common.resolve_model("minilm"))
-    return common.encode_splits(tokenizer, splits, 32)
+    """160 training rows (10 batches of 16) of random MiniLM token ids, 4 to 32 per row: the loop's
+    maths does not care what the ids mean, and these need no AG News rows."""
+    return {"train": made_up_rows(160, seed=0), "val": made_up_rows(40, seed=1),
+            "test": made_up_rows(40, seed=2)}
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +67,15 @@ def tiny_bert(tmp_path_factory):
 def bert_command(model_dir, run_dir, *extra):
     """train_bert.py on the tiny BERT: 2 epochs of 60 batches of 8."""
     return [sys.executable, str(ROOT / "train_bert.py"), "--model", str(model_dir), "--head", "fc",
-            "--train-size", "480", "--val-size", "40", "--test-size", "80", "--epochs", "2", "--batch-size", "8",
-            "--max-len", "32", "--lr", "1e-3", "--device", "cpu", "--data", str(AGNEWS_DIR), "--out", str(run_dir),
-            *extra]
+            "--train-size", "480", "--val-size", "40", "--test-size", "80", "--epochs", "2",
+            "--batch-size", "8", "--max-len", "32", "--lr", "1e-3", "--device", "cpu",
+            "--data", str(AGNEWS_DIR), "--out", str(run_dir), *extra]
 
 
 @pytest.fixture(scope="module")
 def whole_run(tiny_bert, tmp_path_factory):
-    """The uninterrupted run the interrupted ones must end equal to (it writes no mid-epoch points)."""
+    """The uninterrupted run the interrupted ones must end equal to (it writes no mid-epoch
+    points)."""
     run_dir = tmp_path_factory.mktemp("runs") / "whole"
     subprocess.run(bert_command(tiny_bert, run_dir), check=True, capture_output=True, cwd=ROOT)
     return run_dir
@@ -79,7 +84,8 @@ def whole_run(tiny_bert, tmp_path_factory):
 def read_progress(path):
     """The resume point's progress metadata, or None while there is none. Read from the safetensors
     header through one open file: safe_open(..., "pt") opens the path twice (torch maps it again by
-    name), and a resume point replaced between the two reads as a size mismatch though both are whole."""
+    name), and a resume point replaced between the two reads as a size mismatch though both are
+    whole."""
     try:
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
@@ -90,7 +96,8 @@ def read_progress(path):
 
 
 def wait_for_resume_point(process, run_dir, epoch):
-    """Wait until the run has written a resume point inside epoch `epoch` (0-based); its progress."""
+    """Wait until the run has written a resume point inside epoch `epoch` (0-based); its
+    progress."""
     while process.poll() is None:
         progress = read_progress(run_dir / common.RESUME_FILE)
         if progress is not None and progress["epoch"] == epoch and progress["batch"] > 0:
@@ -105,25 +112,53 @@ def assert_same_run(expected_dir, run_dir):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
         assert np.allclose(a["train_loss_steps"], b["train_loss_steps"], rtol=0, atol=1e-6)
-    assert np.abs(np.load(expected_dir / "test_probs.npy") - np.load(run_dir / "test_probs.npy")).max() < 1e-6
+    assert np.abs(np.load(expected_dir / "test_probs.npy")
+                  - np.load(run_dir / "test_probs.npy")).max() < 1e-6
 
 
 # --------------------------------------------------------------------------------------------------
 # The running loss: summed on the device, read every --log-every steps
 # --------------------------------------------------------------------------------------------------
+def largest_difference(model_a, model_b):
+    b = model_b.state_dict()
+    return max(float((value - b[name]).abs().max()) for name, value in model_a.state_dict().items())
+
+
+def test_train_with_every_option_off_is_train_plain(sample, tmp_path):
+    """train() (fp32, no accumulation, no AWP, no resume, one process) and train_plain() on the same
+    rows and seed end at the same weights, to 1e-6, after 2 epochs of 10 steps with dropout on, so
+    both also draw the same dropout masks. The tolerance can tell: the same plain loop at a learning
+    rate 1% higher ends more than 100x the tolerance away."""
+    args = loop_args(epochs=2, lr=1e-3, log_every=3)
+    plain, full = tiny_classifier(dropout=0.1), tiny_classifier(dropout=0.1)
+    start = tiny_classifier(dropout=0.1)
+    plain_history = loop.train_plain(plain, sample, args, CPU)
+    history = loop.train(full, sample, args, CPU, tmp_path)
+    assert largest_difference(plain, start) > 1e-3  # both loops did train
+    assert largest_difference(plain, full) <= 1e-6
+    for plain_val, record in zip(plain_history, history, strict=True):
+        assert plain_val["macro_f1"] == pytest.approx(record["val_macro_f1"], abs=1e-9)
+        assert plain_val["loss"] == pytest.approx(record["val_loss"], abs=1e-6)
+    nudged = tiny_classifier(dropout=0.1)
+    loop.train_plain(nudged, sample, loop_args(epochs=2, lr=1.01e-3), CPU)
+    assert largest_difference(plain, nudged) > 1e-4
+
+
 def test_running_loss_sums_what_a_plain_loop_would():
     gen = torch.Generator().manual_seed(0)
-    running = common.RunningLoss(torch.device("cpu"))
+    running = loop.RunningLoss(torch.device("cpu"))
     loss_sum, correct, rows, last, curve = 0.0, 0, 0, (0.0, 0), []
     for step, size in enumerate([8, 8, 5, 8, 3, 8, 7], 1):
-        logits, labels = torch.randn(size, 4, generator=gen), torch.randint(0, 4, (size,), generator=gen)
+        logits, labels = (torch.randn(size, 4, generator=gen),
+                          torch.randint(0, 4, (size,), generator=gen))
         loss = F.cross_entropy(logits, labels)
         running.add(loss, logits, labels)
         loss_sum += loss.item() * size
         correct += int((logits.argmax(1) == labels).sum())
         rows += size
         if step % 3 == 0 or step == 7:
-            assert running.read(step, 1) == pytest.approx((loss_sum / rows, correct / rows), abs=1e-12)
+            assert running.read(step, 1) == pytest.approx((loss_sum / rows, correct / rows),
+                                                          abs=1e-12)
             curve.append([step, (loss_sum - last[0]) / (rows - last[1])])
             last = (loss_sum, rows)
     assert np.allclose(running.curve, curve, rtol=0, atol=1e-12)
@@ -134,7 +169,7 @@ def test_train_loss_in_history_is_the_loss_of_the_training_rows(sample, tmp_path
     epoch must be those of predict() on the training rows. The curve's points, weighted by their
     rows, average to the same loss."""
     model = tiny_classifier()
-    [record] = common.train(model, sample, loop_args(lr=0.0, log_every=3), CPU, tmp_path)
+    [record] = loop.train(model, sample, loop_args(lr=0.0, log_every=3), CPU, tmp_path)
     reference = common.evaluate(common.predict(model, sample["train"], CPU), sample["train"].labels)
     assert record["train_loss"] == pytest.approx(reference["loss"], abs=1e-5)
     assert record["train_accuracy"] == pytest.approx(reference["accuracy"], abs=1e-9)
@@ -146,12 +181,14 @@ def test_train_loss_in_history_is_the_loss_of_the_training_rows(sample, tmp_path
 # --------------------------------------------------------------------------------------------------
 # Resume points inside an epoch
 # --------------------------------------------------------------------------------------------------
+@needs_rows
 def test_stopped_by_sigterm_then_killed_mid_epoch_and_resumed_twice_ends_like_an_uninterrupted_run(
         tiny_bert, whole_run, tmp_path):
-    """SIGTERM inside epoch 1: the run finishes its step, writes a resume point, prints how to resume
-    and exits 143. The printed command resumes it; SIGKILL inside epoch 2, as soon as a resume point
-    there exists (--save-every, which may change between sessions); resumed again, the run skips the
-    batches done, continues the RNG (dropout 0.1), and ends where the whole run ended."""
+    """SIGTERM inside epoch 1: the run finishes its step, writes a resume point, prints how to
+    resume and exits 143. The printed command resumes it; SIGKILL inside epoch 2, as soon as a
+    resume point there exists (--save-every, which may change between sessions); resumed again, the
+    run skips the batches done, continues the RNG (dropout 0.1), and ends where the whole run
+    ended."""
     run_dir = tmp_path / "run"
     process = subprocess.Popen(bert_command(tiny_bert, run_dir, "--save-every", "3"), cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -161,15 +198,19 @@ def test_stopped_by_sigterm_then_killed_mid_epoch_and_resumed_twice_ends_like_an
     assert process.returncode == 143, err
     progress = read_progress(run_dir / common.RESUME_FILE)
     assert progress["epoch"] == 0 and 0 < progress["batch"] < 60
-    assert f"SIGTERM: stopped after step {progress['step']} (epoch 1, batch {progress['batch']})" in out
+    assert (f"SIGTERM: stopped after step {progress['step']} "
+            f"(epoch 1, batch {progress['batch']})" in out)
     assert common.load_weights(run_dir / common.RESUME_FILE)["rng.cpu.0"].dtype == torch.uint8
     [how] = [line for line in out.splitlines() if line.startswith("to resume: ")]
     command = shlex.split(how.removeprefix("to resume: "))
-    assert command[0] == "python" and command[1:-1] == bert_command(tiny_bert, run_dir, "--save-every", "3")[1:]
+    assert (command[0] == "python"
+            and command[1:-1] == bert_command(tiny_bert, run_dir, "--save-every", "3")[1:])
     assert command[-1] == "--resume"
 
-    command = [sys.executable, *command[1:-3], "--save-every", "2", "--resume"]  # --save-every may change
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # --save-every may change
+    command = [sys.executable, *command[1:-3], "--save-every", "2", "--resume"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
     seen = wait_for_resume_point(process, run_dir, epoch=1)
     process.kill()
     out, _ = process.communicate()
@@ -191,7 +232,7 @@ def test_a_signal_is_noted_once_and_the_same_signal_twice_stops_at_once():
     # A job started in the background (nohup, `cmd &` in a script) inherits SIGINT ignored, and
     # StopSignal rightly leaves it so; this test is about a foreground run, so it is one.
     sigint_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    stop = common.StopSignal(CPU)
+    stop = loop.StopSignal(CPU)
     try:
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGTERM)
@@ -214,15 +255,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+@needs_rows
 def test_two_processes_under_torchrun_equal_one_with_grad_accum_2_and_only_rank_0_writes(tmp_path):
-    """256 rows in batches of 16: 16 full batches. Rank r takes batches r, r+2, ...; one process with
-    --grad-accum 2 steps on the same pairs (0,1), (2,3), ...; DDP averages the two gradients where
-    the one process halves each loss. Dropout 0, so the weights must agree (to 1e-5), and so must
-    the history (the running loss is summed over the processes) and the scores."""
-    flags = ["--arch", "bilstm_attn", "--train-size", "256", "--val-size", "40", "--test-size", "40",
-             "--epochs", "2", "--batch-size", "16", "--embed-dim", "16", "--hidden-size", "16", "--max-len", "32",
-             "--dropout", "0", "--lr", "1e-2", "--device", "cpu", "--data", str(AGNEWS_DIR), "--save-every", "3",
-             "--precision", "fp32"]  # to 1e-5: bf16 rounding would differ between the two sums of gradients
+    """256 rows in batches of 16: 16 full batches. Rank r takes batches r, r+2, ...; one process
+    with --grad-accum 2 steps on the same pairs (0,1), (2,3), ...; DDP averages the two gradients
+    where the one process halves each loss. Dropout 0, so the weights must agree (to 1e-5), and so
+    must the history (the running loss is summed over the processes) and the scores."""
+    flags = ["--arch", "bilstm_attn", "--train-size", "256", "--val-size", "40",
+             "--test-size", "40", "--epochs", "2", "--batch-size", "16", "--embed-dim", "16",
+             "--hidden-size", "16", "--max-len", "32", "--dropout", "0", "--lr", "1e-2",
+             "--device", "cpu", "--data", str(AGNEWS_DIR), "--save-every", "3",
+             # to 1e-5: bf16 rounding would differ between the two sums of gradients
+             "--precision", "fp32"]
     logs = tmp_path / "logs"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                     f"--master_port={free_port()}", "--redirects", "3", "--log-dir", str(logs),
@@ -236,13 +280,16 @@ def test_two_processes_under_torchrun_equal_one_with_grad_accum_2_and_only_rank_
     for name in one:
         assert torch.allclose(ddp[name], one[name], rtol=0, atol=1e-5), name
     initial = train_lstm.build_model(json.loads((tmp_path / "one" / "config.json").read_text()))
-    assert not torch.allclose(initial.classifier.weight, one["classifier.weight"], atol=1e-3)  # it trained
+    # it trained
+    assert not torch.allclose(initial.classifier.weight, one["classifier.weight"], atol=1e-3)
     assert_same_run(tmp_path / "one", tmp_path / "ddp")
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert (sorted(p.name for p in (tmp_path / "ddp").iterdir())
+            == sorted(p.name for p in (tmp_path / "one").iterdir()))
     [rank0] = logs.glob("*/attempt_0/0/stdout.log")
     [rank1] = logs.glob("*/attempt_0/1/stdout.log")
     assert "saved" in rank0.read_text() and "epoch 2:" in rank0.read_text()
-    assert rank1.read_text() == ""  # rank 1 prints nothing (and writes nothing: see the folder above)
+    # rank 1 prints nothing (and writes nothing: see the folder above)
+    assert rank1.read_text() == ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,10 +300,11 @@ def batch_of(data, rows=16):
     return input_ids, mask, torch.from_numpy(data.labels[:rows])
 
 
-def test_awp_moves_matrices_up_the_loss_within_the_box_and_puts_every_weight_back_bit_for_bit(sample):
+def test_awp_moves_matrices_up_the_loss_within_the_box_and_puts_every_weight_back_bit_for_bit(
+        sample):
     model = tiny_classifier()
     input_ids, mask, labels = batch_of(sample["train"])
-    awp = common.AWP(model, lr=1.0, eps=1e-2)
+    perturber = awp.AWP(model, lr=1.0, eps=1e-2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     matrices = {n for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2}
     assert "bert.pooler.dense.weight" not in matrices  # the fc head leaves the pooler frozen
@@ -265,12 +313,13 @@ def test_awp_moves_matrices_up_the_loss_within_the_box_and_puts_every_weight_bac
         clean = F.cross_entropy(model(input_ids, mask), labels)
         clean.backward()
         clean_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        with awp.perturbed():
+        with perturber.perturbed():
             moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
             assert moved == matrices
             for n in moved:
                 p = dict(model.named_parameters())[n]
-                assert ((p - before[n]).abs() <= 1e-2 * (1 + 1e-4) * before[n].abs()).all(), n  # (1e-4: rounding)
+                # (1e-4: rounding)
+                assert ((p - before[n]).abs() <= 1e-2 * (1 + 1e-4) * before[n].abs()).all(), n
             adversarial = F.cross_entropy(model(input_ids, mask), labels)
             assert adversarial.item() > clean.item()
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -280,13 +329,15 @@ def test_awp_moves_matrices_up_the_loss_within_the_box_and_puts_every_weight_bac
         for n, p in model.named_parameters():
             assert torch.equal(p, before[n]), f"{n} not restored bit for bit"
             if p.requires_grad:
-                assert torch.allclose(p.grad, clean_grads[n] + expected[n], atol=1e-6), f"{n}: the gradients do not add"
+                assert torch.allclose(p.grad, clean_grads[n] + expected[n],
+                                      atol=1e-6), f"{n}: the gradients do not add"
         optimizer.step()
         optimizer.zero_grad()
 
 
 def test_awp_under_lora_moves_only_the_trainable_weights(sample):
-    model = train_lora.inject_lora(tiny_classifier(head="pooler"), ["query", "value"], r=4, alpha=8, dropout=0.0)
+    model = train_lora.inject_lora(tiny_classifier(head="pooler"), ["query", "value"], r=4, alpha=8,
+                                   dropout=0.0)
     input_ids, mask, labels = batch_of(sample["train"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     F.cross_entropy(model(input_ids, mask), labels).backward()
@@ -294,7 +345,7 @@ def test_awp_under_lora_moves_only_the_trainable_weights(sample):
     optimizer.zero_grad()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     F.cross_entropy(model(input_ids, mask), labels).backward()
-    with common.AWP(model, lr=1.0, eps=1e-2).perturbed():
+    with awp.AWP(model, lr=1.0, eps=1e-2).perturbed():
         moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     expected = {n for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2}
     assert moved == expected and all("lora_" in n or n == "classifier.weight" for n in moved)
@@ -304,12 +355,13 @@ def test_awp_under_lora_moves_only_the_trainable_weights(sample):
 
 def test_awp_run_stopped_mid_epoch_resumes_exactly(sample, tmp_path, capsys):
     """In-process: a forward hook sends SIGTERM to this very process at the 13th training forward
-    (the 7th batch, AWP making two forwards a batch), mid-epoch 1; the loop finishes the step, writes
-    the resume point and exits 143. Resumed, it ends with the history and weights of a whole run."""
+    (the 7th batch, AWP making two forwards a batch), mid-epoch 1; the loop finishes the step,
+    writes the resume point and exits 143. Resumed, it ends with the history and weights of a whole
+    run."""
     args = loop_args(epochs=2, batch_size=16, awp=True, awp_eps=1e-2, log_every=2)
     whole = tiny_classifier(dropout=0.1)
     initial = {k: v.clone() for k, v in whole.state_dict().items()}
-    expected = common.train(whole, sample, args, CPU, tmp_path / "whole")
+    expected = loop.train(whole, sample, args, CPU, tmp_path / "whole")
 
     stopped = tiny_classifier(dropout=0.1)
     calls = []
@@ -320,7 +372,7 @@ def test_awp_run_stopped_mid_epoch_resumes_exactly(sample, tmp_path, capsys):
             signal.raise_signal(signal.SIGTERM)
     hook = stopped.register_forward_hook(send_sigterm)
     with pytest.raises(SystemExit) as stop:
-        common.train(stopped, sample, args, CPU, tmp_path / "stopped")
+        loop.train(stopped, sample, args, CPU, tmp_path / "stopped")
     hook.remove()
     assert stop.value.code == 143
     assert "SIGTERM: stopped after step 7 (epoch 1, batch 7)" in capsys.readouterr().out
@@ -328,7 +380,8 @@ def test_awp_run_stopped_mid_epoch_resumes_exactly(sample, tmp_path, capsys):
 
     resumed = tiny_classifier(dropout=0.1)
     resumed.load_state_dict(initial)
-    history = common.train(resumed, sample, loop_args(**{**vars(args), "resume": True}), CPU, tmp_path / "stopped")
+    history = loop.train(resumed, sample, loop_args(**{**vars(args), "resume": True}), CPU,
+                         tmp_path / "stopped")
     for a, b in zip(expected, history, strict=True):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_macro_f1"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
@@ -342,16 +395,19 @@ def test_awp_run_stopped_mid_epoch_resumes_exactly(sample, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 def test_bf16_on_the_cpu_trains_and_scores(sample, tmp_path):
     bf16 = common.setup_runtime("cpu", "bf16")
-    assert bf16.amp_dtype == torch.bfloat16 and common.setup_runtime("cpu", "fp32").amp_dtype is None
+    assert (bf16.amp_dtype == torch.bfloat16
+            and common.setup_runtime("cpu", "fp32").amp_dtype is None)
     auto = common.setup_runtime("cpu").precision  # auto: bf16 where the CPU has bf16 instructions
     assert auto == ("bf16" if common.cpu_has_bf16() else "fp32")
     model = tiny_classifier()
-    [record] = common.train(model, sample, loop_args(precision="bf16"), bf16, tmp_path)
+    [record] = loop.train(model, sample, loop_args(precision="bf16"), bf16, tmp_path)
     assert np.isfinite(record["train_loss"]) and np.isfinite(record["val_loss"])
-    probs, fp32_probs = common.predict(model, sample["test"], bf16), common.predict(model, sample["test"], CPU)
+    probs, fp32_probs = (common.predict(model, sample["test"], bf16),
+                         common.predict(model, sample["test"], CPU))
     assert probs.dtype == np.float32 and np.allclose(probs.sum(1), 1, atol=1e-5)
     difference = np.abs(probs - fp32_probs).max()
-    assert 1e-5 < difference < 0.05, f"bf16 vs fp32 probabilities differ by {difference}: is autocast on?"
+    assert 1e-5 < difference < 0.05, (f"bf16 vs fp32 probabilities differ by {difference}: "
+                                      "is autocast on?")
 
 
 def test_fp16_on_the_cpu_refuses_in_one_line(tmp_path, capsys):
@@ -365,21 +421,22 @@ def test_fp16_on_the_cpu_refuses_in_one_line(tmp_path, capsys):
 
 
 def test_compiled_training_gives_the_eager_losses_and_weights(sample, tmp_path):
-    """torch.compile (inductor, C++ on the CPU) of a 1-layer tiny BERT, rows padded to --max-len so one
-    graph serves every batch. Kernels fuse and round differently: losses equal to 1e-5 (measured 1e-8),
-    weights to 1e-4 (measured 2e-5) after 10 steps."""
+    """torch.compile (inductor, C++ on the CPU) of a 1-layer tiny BERT, rows padded to --max-len so
+    one graph serves every batch. Kernels fuse and round differently: losses equal to 1e-5 (measured
+    1e-8), weights to 1e-4 (measured 2e-5) after 10 steps."""
     args = loop_args(pad_to_max=True, lr=1e-3)
     eager, compiled = tiny_classifier(layers=1), tiny_classifier(layers=1)
-    [expected] = common.train(eager, sample, args, CPU, tmp_path / "eager")
-    [record] = common.train(compiled, sample, loop_args(**{**vars(args), "compile": True}), CPU, tmp_path / "compiled")
+    [expected] = loop.train(eager, sample, args, CPU, tmp_path / "eager")
+    [record] = loop.train(compiled, sample, loop_args(**{**vars(args), "compile": True}), CPU,
+                          tmp_path / "compiled")
     assert record["train_loss"] == pytest.approx(expected["train_loss"], abs=1e-5)
     assert np.allclose(record["train_loss_steps"], expected["train_loss_steps"], rtol=0, atol=1e-5)
     saved = common.load_weights(tmp_path / "compiled" / "model.safetensors")
     assert saved.keys() == eager.state_dict().keys()  # the plain module is what gets saved
     for name, value in eager.state_dict().items():
-        # Left out: the key bias, whose gradient is zero in exact arithmetic (it adds the same q.b to
-        # every score of a query, which softmax ignores), so only rounding noise drives it, and AdamW,
-        # dividing by that noise's own size, turns any noise into steps of a full lr.
+        # Left out: the key bias, whose gradient is zero in exact arithmetic (it adds the same q.b
+        # to every score of a query, which softmax ignores), so only rounding noise drives it, and
+        # AdamW, dividing by that noise's own size, turns any noise into steps of a full lr.
         if not name.endswith("attn.key.bias"):
             assert torch.allclose(saved[name], value, rtol=0, atol=1e-4), name
     assert not torch.equal(saved["classifier.weight"], tiny_classifier(layers=1).classifier.weight)

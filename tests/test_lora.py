@@ -1,5 +1,6 @@
 """LoRA by hand (train_lora.py): exact start at the pretrained model, merge = unmerged, parity with
-peft on the same weights, gradients only where they belong, adapter round trip, and real learning."""
+peft on the same weights, gradients only where they belong, adapter round trip, and real
+learning."""
 
 import numpy as np
 import peft
@@ -7,19 +8,19 @@ import pytest
 import torch
 import transformers
 
+import bert
 import common
 import train_lora
+from conftest import AGNEWS_DIR, NO_ROWS, needs_rows
 from train_lora import count_lora_parameters, inject_lora, merge_lora, unmerge_lora
 
-AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
-
-TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-            max_position_embeddings=64)
+TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=37, max_position_embeddings=64)
 
 
 def tiny_classifier(head="pooler", seed=0):
     torch.manual_seed(seed)
-    return common.BertClassifier(common.BertModel(common.BertConfig(**TINY)), head=head, dropout=0.1)
+    return bert.BertClassifier(bert.BertModel(bert.BertConfig(**TINY)), head=head, dropout=0.1)
 
 
 def random_batch(batch=4, length=12, seed=1):
@@ -52,7 +53,8 @@ def test_zero_B_starts_exactly_at_the_pretrained_model():
 
 
 def test_merged_matches_unmerged_and_unmerge_restores_the_weights():
-    model = inject_lora(tiny_classifier(), ["query", "value", "ffn_out"], r=4, alpha=8, dropout=0.0).eval()
+    model = inject_lora(tiny_classifier(), ["query", "value", "ffn_out"], r=4, alpha=8,
+                        dropout=0.0).eval()
     input_ids, mask = random_batch()
     with torch.no_grad():
         pretrained = model(input_ids, mask)
@@ -60,7 +62,8 @@ def test_merged_matches_unmerged_and_unmerge_restores_the_weights():
     frozen = {n: p.clone() for n, p in model.named_parameters() if ".base." in n}
     with torch.no_grad():
         unmerged = model(input_ids, mask)
-        assert (unmerged - pretrained).abs().max() > 1e-2  # B != 0: the adapters do change the output
+        # B != 0: the adapters do change the output
+        assert (unmerged - pretrained).abs().max() > 1e-2
         merged = merge_lora(model)(input_ids, mask)
         assert torch.allclose(merged, unmerged, atol=1e-5, rtol=0)
         query = "bert.layers.0.attn.query.base.weight"
@@ -76,14 +79,16 @@ def test_parity_with_peft(tmp_path):
     torch.manual_seed(3)
     hf = transformers.BertModel(transformers.BertConfig(**TINY, hidden_dropout_prob=0.0,
                                                         attention_probs_dropout_prob=0.0))
-    with torch.no_grad():  # fresh random weights everywhere, LayerNorm gains included (not the 1/0 init)
+    # fresh random weights everywhere, LayerNorm gains included (not the 1/0 init)
+    with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    ours = common.BertModel.from_pretrained(tmp_path).eval()
+    ours = bert.BertModel.from_pretrained(tmp_path).eval()
 
     r, alpha = 4, 12  # alpha/r = 3, not 2, so a wrong scaling would show
-    hf = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["query", "value"],
+    hf = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha,
+                                                 target_modules=["query", "value"],
                                                  lora_dropout=0.0)).eval()
     inject_lora(ours, ["query", "value"], r=r, alpha=alpha, dropout=0.0)
     randomize_lora(ours)
@@ -107,7 +112,8 @@ def test_parity_with_peft(tmp_path):
 
 
 def test_only_adapters_and_head_get_gradients():
-    model = inject_lora(tiny_classifier(head="mlp_res"), ["query", "value"], r=4, alpha=8, dropout=0.1)
+    model = inject_lora(tiny_classifier(head="mlp_res"), ["query", "value"], r=4, alpha=8,
+                        dropout=0.1)
     model.train()
     input_ids, mask = random_batch()
     torch.nn.functional.cross_entropy(model(input_ids, mask), torch.tensor([0, 1, 2, 3])).backward()
@@ -124,7 +130,8 @@ def test_only_adapters_and_head_get_gradients():
 
 
 def test_frozen_linears_in_bf16_give_the_same_amp_outputs():
-    """autocast would cast the frozen weights to bf16 anyway: storing them in bf16 changes no bit."""
+    """autocast would cast the frozen weights to bf16 anyway: storing them in bf16 changes no
+    bit."""
     model = inject_lora(tiny_classifier(), ["query", "value"], r=4, alpha=8, dropout=0.0).eval()
     randomize_lora(model)
     input_ids, mask = random_batch()
@@ -133,8 +140,10 @@ def test_frozen_linears_in_bf16_give_the_same_amp_outputs():
         train_lora.store_frozen_linears_in(model, torch.bfloat16)
         after = model(input_ids, mask)
     assert model.bert.layers[0].attn.query.base.weight.dtype == torch.bfloat16
-    assert model.bert.layers[0].ffn_in.weight.dtype == torch.bfloat16       # frozen, not adapted: also bf16
-    assert model.bert.layers[0].attn.query.lora_A.dtype == torch.float32     # trained: fp32 master copy
+    # frozen, not adapted: also bf16
+    assert model.bert.layers[0].ffn_in.weight.dtype == torch.bfloat16
+    # trained: fp32 master copy
+    assert model.bert.layers[0].attn.query.lora_A.dtype == torch.float32
     assert model.classifier.weight.dtype == torch.float32
     assert torch.equal(before, after)
 
@@ -150,36 +159,43 @@ def test_unknown_target_is_a_user_error():
 def test_bert_base_parameter_counts(r, expected):
     # bert-base geometry on the meta device: every shape, no memory, no download.
     with torch.device("meta"):
-        bert = common.BertModel(common.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                                  intermediate_size=3072))
-        inject_lora(bert, ["query", "value"], r=r, alpha=2 * r, dropout=0.0)
-    assert count_lora_parameters(bert) == expected  # 12 layers x 2 targets x (r*768 + 768*r)
-    assert sum(p.numel() for p in bert.parameters() if p.requires_grad) == expected
+        encoder = bert.BertModel(bert.BertConfig(hidden_size=768, num_hidden_layers=12,
+                                                 num_attention_heads=12, intermediate_size=3072))
+        inject_lora(encoder, ["query", "value"], r=r, alpha=2 * r, dropout=0.0)
+    assert count_lora_parameters(encoder) == expected  # 12 layers x 2 targets x (r*768 + 768*r)
+    assert sum(p.numel() for p in encoder.parameters() if p.requires_grad) == expected
 
 
 # --------------------------------------------------------------------------------------------------
 # Real AG News rows: one small training run serves the round-trip and the learning tests.
 # --------------------------------------------------------------------------------------------------
 SMALL_RUN = ["--train-size", "480", "--val-size", "100", "--test-size", "400", "--epochs", "1",
-             "--batch-size", "16", "--max-len", "64", "--seed", "0", "--device", "cpu", "--data", str(AGNEWS_DIR),
-             "--precision", "fp32"]  # fp32: the round trip compares merged with unmerged to 1e-5
+             "--batch-size", "16", "--max-len", "64", "--seed", "0", "--device", "cpu",
+             "--data", str(AGNEWS_DIR),
+             # fp32: the round trip compares merged with unmerged to 1e-5
+             "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
+    if AGNEWS_DIR is None:
+        pytest.skip(NO_ROWS)
     run_dir = tmp_path_factory.mktemp("lora") / "run"
     train_lora.main([*SMALL_RUN, "--out", str(run_dir)])
     return run_dir
 
 
+@needs_rows
 def test_adapter_round_trip(small_run):
     saved = common.load_weights(small_run / "adapter.safetensors")
     assert any(k.endswith("lora_A") for k in saved) and "classifier.weight" in saved
-    assert not any(".base." in k or k.startswith("bert.embeddings") for k in saved)  # no frozen weight in it
+    # no frozen weight in it
+    assert not any(".base." in k or k.startswith("bert.embeddings") for k in saved)
 
     model, tokenizer, config = common.load_run(small_run)
     assert all(layer.merged for layer in train_lora.lora_layers(model))
-    splits = common.load_ag_news(AGNEWS_DIR, train_size=480, test_size=400, val_size=100)  # as SMALL_RUN
+    # as SMALL_RUN
+    splits = common.load_ag_news(AGNEWS_DIR, train_size=480, test_size=400, val_size=100)
     data = common.encode_splits(tokenizer, {"test": splits["test"]}, config["max_len"])
     probs = common.predict(model, data["test"], common.setup_runtime("cpu", "fp32"))
     np.testing.assert_allclose(probs, np.load(small_run / "test_probs.npy"), atol=1e-5, rtol=0)

@@ -1,5 +1,5 @@
-"""train_lstm.py: both architectures learn from scratch on real rows, packing changes nothing but the
-cost, attention ignores padding, the word tokenizer truncates right, and a saved run reloads and
+"""train_lstm.py: both architectures learn from scratch on real rows, packing changes nothing but
+the cost, attention ignores padding, the word tokenizer truncates right, and a saved run reloads and
 resumes to the same probabilities."""
 import json
 
@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import common
-from conftest import Killed, die_after_epoch_1
+from conftest import AGNEWS_DIR, Killed, die_after_epoch_1, needs_rows
 import train_lstm
 
-AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest.single_thread
 
 
@@ -30,6 +29,7 @@ def random_batch(lengths, vocab_size, seed):
 # --------------------------------------------------------------------------------------------------
 # Learning on real rows
 # --------------------------------------------------------------------------------------------------
+@needs_rows
 @pytest.mark.parametrize("arch", train_lstm.ARCHS)
 def test_each_arch_learns_from_scratch(tmp_path, arch):
     metrics = train(tmp_path / arch, "--arch", arch, "--train-size", "2000", "--val-size", "300",
@@ -37,7 +37,8 @@ def test_each_arch_learns_from_scratch(tmp_path, arch):
                     "--embed-dim", "64", "--hidden-size", "64", "--max-len", "64")
     history = metrics["history"]
     # Seen on seeds 0-2: lstm 0.63-0.67, bilstm_attn 0.71-0.74 test accuracy; chance is 0.25.
-    assert metrics["test"]["accuracy"] > 0.5, f"{arch}: test accuracy {metrics['test']['accuracy']:.3f} on 400 rows"
+    assert metrics["test"]["accuracy"] > 0.5, (f"{arch}: test accuracy "
+                                               f"{metrics['test']['accuracy']:.3f} on 400 rows")
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.1
     assert history[-1]["val_accuracy"] > history[0]["val_accuracy"]
 
@@ -49,7 +50,8 @@ def test_each_arch_learns_from_scratch(tmp_path, arch):
 def test_packed_lstm_equals_plain_lstm_without_padding(arch):
     torch.manual_seed(0)
     model = train_lstm.LSTMClassifier(50, arch, embed_dim=16, hidden_size=12).eval()
-    input_ids, mask = random_batch([9, 9, 9, 9], 50, seed=1)                # all rows full: no padding
+    # all rows full: no padding
+    input_ids, mask = random_batch([9, 9, 9, 9], 50, seed=1)
     states, h_n = model.token_states(input_ids, mask)
     plain_states, (plain_h_n, _) = model.lstm(model.embedding(input_ids))  # nn.LSTM without packing
     torch.testing.assert_close(states, plain_states, atol=1e-6, rtol=0)
@@ -88,7 +90,8 @@ def test_attention_weights_sum_to_one_over_real_tokens_and_are_zero_on_padding()
     attention = model.attention
     for i in range(4):
         h = states[i, mask[i]]                                              # (n, 2H)
-        scores = torch.tanh(h @ attention.proj.weight.T + attention.proj.bias) @ attention.score.weight[0]
+        scores = (torch.tanh(h @ attention.proj.weight.T + attention.proj.bias)
+                  @ attention.score.weight[0])
         a = scores.softmax(0)
         torch.testing.assert_close(weights[i, mask[i]], a, atol=1e-6, rtol=0)
         torch.testing.assert_close(features[i], a @ h, atol=1e-6, rtol=0)
@@ -96,7 +99,7 @@ def test_attention_weights_sum_to_one_over_real_tokens_and_are_zero_on_padding()
 
 @pytest.mark.parametrize("arch", train_lstm.ARCHS)
 def test_forward_under_bf16_autocast_stays_close_to_float32(arch):
-    """common.train runs models under autocast on GPUs; the CPU's bf16 autocast checks that every
+    """loop.train runs models under autocast on GPUs; the CPU's bf16 autocast checks that every
     dtype meets its partner and the logits move by rounding only."""
     torch.manual_seed(0)
     model = train_lstm.LSTMClassifier(50, arch, embed_dim=16, hidden_size=12).eval()
@@ -108,10 +111,12 @@ def test_forward_under_bf16_autocast_stays_close_to_float32(arch):
 
 
 def test_forget_gates_start_open():
-    """PyTorch's gate order is [input, forget, cell, output]: b_ih + b_hh of the forget gate is 1."""
+    """PyTorch's gate order is [input, forget, cell, output]: b_ih + b_hh of the forget gate is
+    1."""
     model = train_lstm.LSTMClassifier(50, "bilstm_attn", embed_dim=8, hidden_size=6)
     for direction in ("", "_reverse"):
-        total = getattr(model.lstm, f"bias_ih_l0{direction}") + getattr(model.lstm, f"bias_hh_l0{direction}")
+        total = (getattr(model.lstm, f"bias_ih_l0{direction}")
+                 + getattr(model.lstm, f"bias_hh_l0{direction}"))
         assert (total[6:12] == 1.0).all() and (total[:6] != 1.0).all()
 
 
@@ -119,7 +124,8 @@ def test_forget_gates_start_open():
 # Tokenizer
 # --------------------------------------------------------------------------------------------------
 def test_word_tokenizer_pads_with_0_and_truncates_keeping_the_first_words():
-    texts = ["Oil prices rise again", "Oil stocks fall", "prices rise, stocks fall", "Café owners RISE"]
+    texts = ["Oil prices rise again", "Oil stocks fall", "prices rise, stocks fall",
+             "Café owners RISE"]
     tokenizer = train_lstm.train_word_tokenizer(texts, min_freq=2, max_len=4)
     assert tokenizer.token_to_id("[PAD]") == 0 and tokenizer.token_to_id("[UNK]") == 1
     assert tokenizer.encode("Oil PRICES rise").tokens == ["oil", "prices", "rise"]     # lowercased
@@ -135,17 +141,22 @@ def test_word_tokenizer_pads_with_0_and_truncates_keeping_the_first_words():
 def test_saved_run_reloads_to_its_test_probs(tiny_lstm_run):
     model, tokenizer, config = common.load_run(tiny_lstm_run)
     args = config["args"]
-    splits = common.load_ag_news(args["data"], args["train_size"], args["test_size"], args["val_size"])
-    test = common.Encoded(common.encode(tokenizer, splits["test"].texts, config["max_len"]), splits["test"].labels)
+    splits = common.load_ag_news(args["data"], args["train_size"], args["test_size"],
+                                 args["val_size"])
+    test = common.Encoded(common.encode(tokenizer, splits["test"].texts, config["max_len"]),
+                          splits["test"].labels)
     probs = common.predict(model, test, common.Runtime(torch.device("cpu")))
     saved = np.load(tiny_lstm_run / "test_probs.npy")
     np.testing.assert_allclose(probs, saved, atol=1e-6, rtol=0)
-    assert common.evaluate(saved, splits["test"].labels)["accuracy"] > 0.4  # it learned: chance is 0.25
+    # it learned: chance is 0.25
+    assert common.evaluate(saved, splits["test"].labels)["accuracy"] > 0.4
 
 
+@needs_rows
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
-    flags = ["--arch", "bilstm_attn", "--train-size", "400", "--val-size", "100", "--test-size", "100",
-             "--epochs", "2", "--embed-dim", "16", "--hidden-size", "16", "--max-len", "32"]
+    flags = ["--arch", "bilstm_attn", "--train-size", "400", "--val-size", "100",
+             "--test-size", "100", "--epochs", "2", "--embed-dim", "16", "--hidden-size", "16",
+             "--max-len", "32"]
     whole = train(tmp_path / "whole", *flags)
 
     save_weights = common.save_weights

@@ -1,5 +1,5 @@
-"""A newcomer's first hour: the README's main command can be typed twice, long loops show progress in
-a log, --help shows every default, and a failed start leaves nothing behind."""
+"""A newcomer's first hour: the README's main command can be typed twice, long loops show progress
+in a log, --help shows every default, and a failed start leaves nothing behind."""
 import argparse
 import importlib
 import os
@@ -12,36 +12,42 @@ import pytest
 import torch
 
 import common
+import run
 import train_lora
+from conftest import AGNEWS_DIR, needs_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-AGNEWS_DIR = common.find_data_dir()
 SCRIPTS = ["train_bert", "train_lora", "train_lstm", "vote", "analyze", "export"]
 
 
+@needs_rows
 def test_the_main_command_runs_twice_into_two_folders(tmp_path):
     """README's first command (here on fewer rows) typed twice: two run folders, numbered as other
-    training tools number theirs; an explicit --out still refuses to overwrite. Output goes to a pipe,
-    as in a log file, so the scoring loop prints plain progress lines there."""
-    command = [sys.executable, str(ROOT / "train_lora.py"), "--r", "8", "--quick", "--train-size", "48",
-               "--val-size", "40", "--test-size", "300", "--max-len", "32", "--device", "cpu"]
+    training tools number theirs; an explicit --out still refuses to overwrite. Output goes to a
+    pipe, as in a log file, so the scoring loop prints plain progress lines there."""
+    command = [sys.executable, str(ROOT / "train_lora.py"), "--r", "8", "--quick",
+               "--train-size", "48", "--val-size", "40", "--test-size", "300", "--max-len", "32",
+               "--device", "cpu"]
     env = {**os.environ, "AGNEWS_DIR": str(AGNEWS_DIR), "AGNEWS_PROGRESS_EVERY_S": "0"}
-    outputs = [subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True) for _ in range(2)]
+    outputs = [subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+               for _ in range(2)]
     for done in outputs:
         assert done.returncode == 0, done.stderr[-2000:]
     runs = tmp_path / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["lora_r8_pooler", "lora_r8_pooler-2"]
-    for run in runs.iterdir():
-        assert common.is_finished(run)
+    for run_dir in runs.iterdir():
+        assert common.is_finished(run_dir)
     assert "saved runs/lora_r8_pooler-2/" in outputs[1].stdout
-    # A line now and then while 300 test rows are scored (every batch of 128 here, as the interval is 0).
+    # A line now and then while 300 test rows are scored (every batch of 128 here, as the
+    # interval is 0).
     assert "scoring test: 128/300 rows (43%)" in outputs[0].stdout
 
     again = subprocess.run([*command, "--out", "runs/lora_r8_pooler"], cwd=tmp_path, env=env,
                            capture_output=True, text=True)
     assert again.returncode == 2
-    assert again.stderr.strip().splitlines() == ["error: runs/lora_r8_pooler already holds a run: pass --resume "
-                                                 "to continue it, or --out to choose another folder"]
+    assert again.stderr.strip().splitlines() == ["error: runs/lora_r8_pooler already holds a run: "
+                                                 "pass --resume to continue it, or --out to "
+                                                 "choose another folder"]
 
 
 def test_run_folders_are_numbered_and_resume_takes_the_newest(tmp_path):
@@ -70,25 +76,28 @@ def test_seeds_make_one_ordinary_run_folder_per_seed(tmp_path, monkeypatch):
         (Path(args.out) / "metrics.json").write_text("{}")
 
     parser = argparse.ArgumentParser()
-    common.add_common_args(parser, lr=1e-3, epochs=1)
+    run.add_common_args(parser, lr=1e-3, epochs=1)
     args = parser.parse_args(["--seeds", "3,1", "--out", str(tmp_path / "exp")])
-    common.run_each_seed(args, "exp", train_one)
+    run.run_each_seed(args, "exp", train_one)
     assert trained == [(3, str(tmp_path / "exp" / "seed3")), (1, str(tmp_path / "exp" / "seed1"))]
     trained.clear()
-    common.run_each_seed(parser.parse_args(["--seeds", "1,2", "--out", str(tmp_path / "exp")]), "exp", train_one)
+    run.run_each_seed(parser.parse_args(["--seeds", "1,2", "--out", str(tmp_path / "exp")]),
+                      "exp", train_one)
     assert trained == [(2, str(tmp_path / "exp" / "seed2"))]
     for bad in ("1,,2", "a", "1,1"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--seeds", bad])
 
 
+@needs_rows
 def test_seeds_end_to_end_give_runs_that_differ_only_in_the_seed(tmp_path):
     import train_lstm
     from conftest import TINY_LSTM_ARGS, single_thread
     args = [a if a != "1000" else "200" for a in TINY_LSTM_ARGS]
     args[args.index("--epochs") + 1] = "1"
     with single_thread():
-        train_lstm.main([*args, "--data", str(AGNEWS_DIR), "--seeds", "0,1", "--out", str(tmp_path / "lstm")])
+        train_lstm.main([*args, "--data", str(AGNEWS_DIR), "--seeds", "0,1",
+                         "--out", str(tmp_path / "lstm")])
     configs = [common.load_json(tmp_path / "lstm" / f"seed{k}" / "config.json") for k in (0, 1)]
     assert [c["args"]["seed"] for c in configs] == [0, 1]
     for c in configs:
@@ -120,7 +129,8 @@ def test_help_shows_every_default(script):
             continue
         assert f"(default: {action.default})" in text, f"{script} {action.option_strings[0]}"
         shown += 1
-    assert shown >= 2 or script == "export"  # the test looked at something (export's flags are switches)
+    # the test looked at something (export's flags are switches)
+    assert shown >= 2 or script == "export"
 
 
 def test_help_names_the_penalty_list_where_analyze_writes_it():
@@ -132,8 +142,9 @@ def test_progress_prints_lines_in_a_log_and_nothing_when_disabled(capsys, monkey
     monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.0)
     assert list(common.progress(range(3), "counting", unit="rows", sizes=[10, 10, 5])) == [0, 1, 2]
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("counting: 10/25 rows (40%), ") and lines[1].startswith("counting: 20/25 rows (80%)")
-    assert len(lines) == 2                                         # the end is the caller's to report
+    assert (lines[0].startswith("counting: 10/25 rows (40%), ")
+            and lines[1].startswith("counting: 20/25 rows (80%)"))
+    assert len(lines) == 2  # the end is the caller's to report
     assert list(common.progress(range(3), "quiet", enabled=False)) == [0, 1, 2]
     assert capsys.readouterr().out == ""
 

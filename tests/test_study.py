@@ -1,5 +1,6 @@
-"""study.sh, the study's table in one command: on a few rows and two seeds it trains every experiment,
-votes seed k with seed k, writes the comparison; run again, it trains nothing; it stops at a failure."""
+"""study.sh, the study's table in one command: on a few rows and two seeds it trains every
+experiment, votes seed k with seed k, writes the comparison; run again, it trains nothing; it stops
+at a failure."""
 import os
 import subprocess
 from pathlib import Path
@@ -7,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import bert
 import common
-from conftest import save_bert_folder
+from conftest import AGNEWS_DIR, needs_rows, save_bert_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = {"bert_pooler", "bert_fc", "bert_lstm", "bert_textcnn", "bert_mlp_res", "bert_attnpool",
-               "bert_attnpool_penalty", "lora_r8", "lstm", "bilstm_attn", "vote_bilstm_attn+lora"}
+EXPERIMENTS = {"bert_pooler", "bert_fc", "bert_lstm", "bert_textcnn", "bert_mlp_res",
+               "bert_attnpool", "bert_attnpool_penalty", "lora_r8", "lstm", "bilstm_attn",
+               "vote_bilstm_attn+lora"}
 # Flags after the preset's own win (argparse takes the last): a tiny study on a tiny random BERT, so
 # that what is tested is the script (every step, seeds, resumption), not MiniLM's speed.
 TINY = "--train-size 64 --val-size 120 --test-size 120 --max-len 32 --batch-size 16"
@@ -22,18 +25,22 @@ TINY = "--train-size 64 --val-size 120 --test-size 120 --max-len 32 --batch-size
 def tiny_model(tmp_path_factory):
     """A 1-layer BERT of hidden size 32 with MiniLM's vocabulary, as a --model folder."""
     torch.manual_seed(0)
-    config = common.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64)
-    return save_bert_folder(common.BertModel(config), tmp_path_factory.mktemp("tiny_model"))
+    config = bert.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=64)
+    return save_bert_folder(bert.BertModel(config), tmp_path_factory.mktemp("tiny_model"))
 
 
 def study(tmp_path, model, extra=TINY):
-    env = {**os.environ, "AGNEWS_DIR": str(common.find_data_dir()), "ROOT": str(tmp_path / "study"),
-           "SEEDS": "0,1", "EXTRA": f"{extra} --model {model}"}
-    return subprocess.run(["bash", str(ROOT / "study.sh"), "quick"], env=env, capture_output=True, text=True,
-                          cwd=ROOT)
+    """study.sh quick on the rows conftest found; without rows, $AGNEWS_DIR is left as it was
+    (enough for a study that fails on its first flags, before any run reads rows)."""
+    rows = {"AGNEWS_DIR": str(AGNEWS_DIR)} if AGNEWS_DIR is not None else {}
+    env = {**os.environ, **rows, "ROOT": str(tmp_path / "study"), "SEEDS": "0,1",
+           "EXTRA": f"{extra} --model {model}"}
+    return subprocess.run(["bash", str(ROOT / "study.sh"), "quick"], env=env, capture_output=True,
+                          text=True, cwd=ROOT)
 
 
+@needs_rows
 def test_the_study_runs_whole_then_resumes_to_nothing(tmp_path, tiny_model):
     done = study(tmp_path, tiny_model)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -42,7 +49,8 @@ def test_the_study_runs_whole_then_resumes_to_nothing(tmp_path, tiny_model):
         for seed in (0, 1):
             assert common.is_finished(root / name / f"seed{seed}"), f"{name}/seed{seed}"
     table = (root / "compare.md").read_text().splitlines()
-    assert len([line for line in table if line.startswith("| ") and "---" not in line]) == 1 + len(EXPERIMENTS)
+    assert (len([line for line in table if line.startswith("| ") and "---" not in line])
+            == 1 + len(EXPERIMENTS))
     assert (root / "compare.png").exists() and (root / "compare.csv").exists()
     assert "baseline" in next(line for line in table if line.startswith("| bert_pooler |"))
 

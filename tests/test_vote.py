@@ -1,5 +1,6 @@
-"""vote.py: weights fitted on validation reach the known optimum, an ensemble of a model with itself
-is that model, runs scored on other rows are refused, and the texts table is stable and adds up."""
+"""vote.py: weights fitted on validation reach the known optimum, an ensemble of a model with
+itself is that model, runs scored on other rows are refused, and the texts table is stable and adds
+up."""
 import argparse
 import json
 import re
@@ -14,8 +15,8 @@ import torch
 
 import common
 import vote
+from conftest import AGNEWS_DIR, needs_rows
 
-AGNEWS_DIR = common.find_data_dir()  # --data, $AGNEWS_DIR or data/ag_news, as the scripts find it
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest.single_thread
 
@@ -37,9 +38,10 @@ def log_loss(probs, labels):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("q", [0.5, 0.4, 0.7])
 def test_fit_weights_reaches_the_analytic_optimum(q):
-    """A is right on the first q of the rows (p = 0.9 there, 0.2 elsewhere), B on the rest (0.2, 0.8).
-    With w on A the mixture gives the true class b + w (a - b) on each part, and the log-loss
-    -q log(b1 + w d1) - (1-q) log(b2 + w d2) is least at w* = -(q d1 b2 + (1-q) d2 b1) / (d1 d2)."""
+    """A is right on the first q of the rows (p = 0.9 there, 0.2 elsewhere), B on the rest (0.2,
+    0.8). With w on A the mixture gives the true class b + w (a - b) on each part, and the log-loss
+    -q log(b1 + w d1) - (1-q) log(b2 + w d2) is least at w* = -(q d1 b2 + (1-q) d2 b1) /
+    (d1 d2)."""
     rng = np.random.default_rng(0)
     n = 1000
     labels = rng.integers(0, 4, n)
@@ -47,8 +49,10 @@ def test_fit_weights_reaches_the_analytic_optimum(q):
     a1, a2, b1, b2 = 0.9, 0.2, 0.2, 0.8
     member_a = probs_with_true_class_prob(labels, np.where(first, a1, a2))
     member_b = probs_with_true_class_prob(labels, np.where(first, b1, b2))
-    assert (member_a.argmax(1) == labels)[first].all() and not (member_a.argmax(1) == labels)[~first].any()
-    assert (member_b.argmax(1) == labels)[~first].all() and not (member_b.argmax(1) == labels)[first].any()
+    assert ((member_a.argmax(1) == labels)[first].all()
+            and not (member_a.argmax(1) == labels)[~first].any())
+    assert ((member_b.argmax(1) == labels)[~first].all()
+            and not (member_b.argmax(1) == labels)[first].any())
 
     d1, d2 = a1 - b1, a2 - b2
     best = -(q * d1 * b2 + (1 - q) * d2 * b1) / (d1 * d2)
@@ -71,7 +75,7 @@ def test_fit_weights_matches_a_grid_search_over_the_simplex():
     step = 0.005
     w0, w1 = np.meshgrid(np.arange(0, 1 + step / 2, step), np.arange(0, 1 + step / 2, step))
     grid = np.stack([w0.ravel(), w1.ravel(), 1 - w0.ravel() - w1.ravel()])
-    grid = grid[:, grid[2] >= -1e-12].clip(0, None)                     # (3, G) points of the simplex
+    grid = grid[:, grid[2] >= -1e-12].clip(0, None)  # (3, G) points of the simplex
     true_class = np.stack([m[np.arange(500), labels] for m in members], axis=1)  # (N, 3)
     grid_losses = -np.log(true_class @ grid).mean(0)
     fitted_loss = log_loss(vote.ensemble_probs(members, weights), labels)
@@ -84,8 +88,10 @@ def test_ensemble_of_a_model_with_itself_is_that_model():
     labels = rng.integers(0, 4, 300)
     probs = rng.dirichlet(np.ones(4), size=300)
     weights = vote.fit_weights([probs, probs], labels)
-    np.testing.assert_allclose(vote.ensemble_probs([probs, probs], weights), probs, atol=1e-12, rtol=0)
-    np.testing.assert_allclose(vote.ensemble_probs([probs, probs], [0.9, 0.1]), probs, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(vote.ensemble_probs([probs, probs], weights), probs,
+                               atol=1e-12, rtol=0)
+    np.testing.assert_allclose(vote.ensemble_probs([probs, probs], [0.9, 0.1]), probs,
+                               atol=1e-12, rtol=0)
 
 
 def test_hand_weights_are_checked_and_normalised():
@@ -114,6 +120,7 @@ def table_rows(output):
     return rows
 
 
+@needs_rows
 def test_vote_scores_members_and_ensemble_on_the_saved_rows(tiny_lstm_run, tmp_path, capsys):
     """A second member that knows the labels (probabilities mixed with one-hot truth): the table's
     figures are those of the saved probabilities, scored against the right rows."""
@@ -128,23 +135,27 @@ def test_vote_scores_members_and_ensemble_on_the_saved_rows(tiny_lstm_run, tmp_p
     vote.main(["--runs", str(lstm), str(knows), "--out", str(tmp_path / "vote")])
     rows = table_rows(capsys.readouterr().out)
     members = [np.load(r / "test_probs.npy") for r in (lstm, knows)]
-    weights = vote.fit_weights([np.load(r / "val_probs.npy") for r in (lstm, knows)], splits["val"].labels)
+    weights = vote.fit_weights([np.load(r / "val_probs.npy") for r in (lstm, knows)],
+                               splits["val"].labels)
     expected = {"lstm": members[0], "knows": members[1],
                 "ensemble, weights fitted on val": vote.ensemble_probs(members, weights)}
     for name, probs in expected.items():
         scores = common.evaluate(probs, splits["test"].labels)
-        assert rows[name][1:] == pytest.approx((scores["accuracy"], scores["macro_f1"]), abs=5e-5), name
+        assert rows[name][1:] == pytest.approx((scores["accuracy"], scores["macro_f1"]),
+                                               abs=5e-5), name
     assert rows["knows"][1] == 1.0 and rows["lstm"][1] < 0.9
-    assert weights[1] > 0.9                                  # validation prefers the member that knows
+    assert weights[1] > 0.9  # validation prefers the member that knows
 
     config = json.loads((tmp_path / "vote" / "config.json").read_text())
     saved = json.loads((tmp_path / "vote" / "metrics.json").read_text())
     assert config["script"] == "vote" and config["members"] == [str(lstm), str(knows)]
     assert list(saved["weights"].values()) == pytest.approx(weights.tolist())
-    assert saved["fingerprints"] == {k: json.loads((lstm / "metrics.json").read_text())["fingerprints"][k]
-                                     for k in ("val", "test")}
-    assert saved["test"] == pytest.approx(common.evaluate(expected["ensemble, weights fitted on val"],
-                                                          splits["test"].labels))
+    assert (saved["fingerprints"]
+            == {k: json.loads((lstm / "metrics.json").read_text())["fingerprints"][k]
+                for k in ("val", "test")})
+    assert (saved["test"]
+            == pytest.approx(common.evaluate(expected["ensemble, weights fitted on val"],
+                                             splits["test"].labels)))
     # A saved vote is a run for analyze.py, never a member of the next bare vote.
     members = vote.find_members(argparse.Namespace(runs=None, root=str(tmp_path)))
     assert list(members) == [None] and set(members[None]) == {lstm, knows}
@@ -181,7 +192,8 @@ def test_bare_vote_takes_the_largest_group_scored_on_the_same_rows(tiny_lstm_run
     metrics["fingerprints"]["val"] = "f" * 16
     common.save_json(quick / "metrics.json", metrics)
     assert sorted(vote.find_members(argparse.Namespace(runs=None, root=str(root)))[None]) == same
-    assert f"left out (scored on other rows than the 2 runs voting): {quick}" in capsys.readouterr().out
+    assert (f"left out (scored on other rows than the 2 runs voting): {quick}"
+            in capsys.readouterr().out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +206,8 @@ TEXTS = ["Nadal beats Federer to win the French Open final in Paris",
 
 def test_texts_table_is_stable_and_adds_up(tiny_lstm_run, tmp_path):
     twin = copy_run(tiny_lstm_run, tmp_path / "twin")
-    cmd = [sys.executable, str(ROOT / "vote.py"), "--runs", str(tiny_lstm_run), str(twin), "--device", "cpu"]
+    cmd = [sys.executable, str(ROOT / "vote.py"), "--runs", str(tiny_lstm_run), str(twin),
+           "--device", "cpu"]
     for text in TEXTS:
         cmd += ["--text", text]
     outputs = [subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT) for _ in range(2)]
@@ -208,8 +221,8 @@ def test_texts_table_is_stable_and_adds_up(tiny_lstm_run, tmp_path):
     assert len(lines) == len(TEXTS)
     for line, p in zip(lines, probs):
         cells = re.findall(cell, line)
-        assert len(cells) == 3                                      # two members and the ensemble
-        assert cells[0] == cells[1] == cells[2]                     # a model with itself is that model
+        assert len(cells) == 3                   # two members and the ensemble
+        assert cells[0] == cells[1] == cells[2]  # a model with itself is that model
         assert cells[0] == (common.CLASS_NAMES[p.argmax()], f"{p.max():.3f}")
 
 
@@ -220,7 +233,8 @@ def test_labelled_file_counts_hits(tiny_lstm_run, tmp_path, capsys):
                      "\n"
                      f'Business,"{TEXTS[1]}"\n'
                      f"sci/tech,{TEXTS[2]}\n")
-    vote.main(["--runs", str(tiny_lstm_run), "--file", str(cases), "--weights", "1", "--device", "cpu"])
+    vote.main(["--runs", str(tiny_lstm_run), "--file", str(cases), "--weights", "1",
+               "--device", "cpu"])
     out = capsys.readouterr().out
     [probs] = vote.classify([tiny_lstm_run], TEXTS, common.Runtime(torch.device("cpu")))
     hits = int((probs.argmax(1) == np.array([1, 2, 3])).sum())
@@ -266,13 +280,16 @@ def test_seed_k_votes_with_seed_k_into_a_run_like_folder(tiny_lstm_run, tmp_path
     copy_run(tiny_lstm_run, tmp_path / "a" / "seed1")  # a seed only one member has does not vote
     vote.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "vote")])
     assert sorted(p.name for p in (tmp_path / "vote").iterdir()) == ["seed0", "seed2"]
-    configs = [json.loads((tmp_path / "vote" / s / "config.json").read_text()) for s in ("seed0", "seed2")]
+    configs = [json.loads((tmp_path / "vote" / s / "config.json").read_text())
+               for s in ("seed0", "seed2")]
     assert [c.pop("seed") for c in configs] == [0, 2] and configs[0] == configs[1]
     assert configs[0]["members"] == [str(tmp_path / "a"), str(tmp_path / "b")]
     out = capsys.readouterr().out
     assert "seed 0" in out and "seed 2" in out and "seed 1" not in out
     with pytest.raises(common.UserError, match="not both"):
         vote.main(["--runs", str(tmp_path / "a"), str(tiny_lstm_run)])
-    with pytest.raises(common.UserError, match="holds a trained run, not a vote"):  # never over a member
-        vote.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "a")])
+    # never over a member
+    with pytest.raises(common.UserError, match="holds a trained run, not a vote"):
+        vote.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"),
+                   "--out", str(tmp_path / "a")])
     assert common.load_json(tmp_path / "a" / "seed0" / "config.json")["script"] == "train_lstm"

@@ -1,0 +1,331 @@
+"""From one run to many: which experiment is better, by how much, and is it more than noise?
+
+Run as `python analyze.py --compare [RUN ...] [--baseline NAME]`; read after explain.py. It teaches:
+  1. what an experiment is: one configuration. Its seeds are sibling run folders whose config.json
+     differs only in the seed and in bookkeeping (where to write, which device); they are pooled,
+     and the table gives each number as mean ± std over seeds.
+  2. the paired bootstrap: resample the test rows with replacement, the SAME rows for both
+     experiments (the pairing takes out the luck of which texts are in the test set, which both
+     share), and resample the seeds too (seed k with the baseline's seed k when both ran the same
+     seeds), so the 95% interval of the difference in macro F1 holds both kinds of noise.
+  3. the exact McNemar test: on the rows where exactly one of the two is right (each experiment's
+     majority of seeds), is each side's share 1/2? A binomial test, no chi-square approximation.
+  4. the verdict: a difference whose interval excludes 0 is marked *, every other one is said to be
+     "inside the noise", in those words. README's results table is this table, not typed by hand.
+tests/test_compare.py checks the intervals and p-values on predictions whose answer is known.
+"""
+import csv
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")  # files only, no display: must be chosen before pyplot is imported
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.stats import binomtest
+from sklearn.metrics import f1_score
+
+import common
+
+# --------------------------------------------------------------------------------------------------
+# Experiments: runs grouped by configuration, one run per seed
+# --------------------------------------------------------------------------------------------------
+# One experiment = one configuration; its seeds are runs whose config.json differs only in these
+# keys.
+NOT_THE_EXPERIMENT = {"seed", "seeds", "out", "resume", "device", "data", "log_every", "save_every"}
+BOOTSTRAP_SAMPLES = 2000
+COMPARE_WIDTH = 10           # inches; the height grows with the number of experiments
+
+
+def experiment_key(config):
+    """config.json without the seed and the flags that do not change what is trained."""
+    args = {k: v for k, v in config.get("args", {}).items() if k not in NOT_THE_EXPERIMENT}
+    rest = {k: v for k, v in config.items() if k not in ("args", "seed")}
+    return json.dumps({**rest, "args": args}, sort_keys=True, default=str)
+
+
+@dataclass
+class Experiment:
+    name: str
+    runs: list                      # run folders, one per seed, in the order of `seeds`
+    config: dict
+    seeds: list                     # the seed of each run
+
+    @cached_property
+    def metrics(self):
+        return [common.load_json(run / "metrics.json") for run in self.runs]
+
+    def probs(self, rows):
+        return [common.load_probs(run, "test", rows) for run in self.runs]
+
+    @property
+    def is_pooler_baseline(self):
+        args = self.config.get("args", {})
+        return (self.config.get("script") == "train_bert" and self.config.get("head") == "pooler"
+                and not self.config.get("penalty_words") and not args.get("eda")
+                and not args.get("awp"))
+
+
+def gather_experiments(paths):
+    """Finished runs under the given folders (default runs/), scored on the same rows, grouped into
+    experiments by config-minus-seed and named after their folder."""
+    runs = sorted({run for path in paths for run in common.find_runs(path)},
+                  key=lambda run: (run / "metrics.json").stat().st_mtime)
+    if not runs:
+        raise common.UserError(f"--compare: no finished runs under {', '.join(map(str, paths))}")
+    runs = common.largest_group_on_same_rows(runs, "compared")
+    groups, seen = {}, {}
+    # Newest first: of two runs of one experiment with one seed, the newer counts.
+    for run in reversed(runs):
+        config = common.load_json(run / "config.json")
+        key, seed = experiment_key(config), config.get("seed", config.get("args", {}).get("seed"))
+        if (key, seed) in seen:
+            print(f"left out: {run} (seed {seed} of the experiment of {seen[key, seed]}, "
+                  f"which is newer)")
+            continue
+        seen[key, seed] = run
+        groups.setdefault(key, (config, []))[1].append((seed, run))
+    experiments, names = [], set()
+    for config, members in groups.values():
+        name = common.experiment_folder(members[0][1]).name
+        while name in names:  # two configurations under one folder name: tell them apart
+            name += "'"
+        names.add(name)
+        members.sort(key=lambda seed_run: (seed_run[0] is None, seed_run[0] or 0))
+        experiments.append(Experiment(name, [run for _, run in members], config,
+                                      [seed for seed, _ in members]))
+    trained = {run: i for i, run in enumerate(runs)}
+    # in the order they were trained
+    return sorted(experiments, key=lambda e: min(trained[run] for run in e.runs))
+
+
+# --------------------------------------------------------------------------------------------------
+# The paired bootstrap: test rows and seeds resampled, the same rows for both experiments
+# --------------------------------------------------------------------------------------------------
+def macro_f1_from_counts(counts):
+    """counts (..., 4, 4) confusion counts, rows true -> macro F1 (...,) over all four classes, as
+    sklearn's f1_score(average="macro", labels=range(4)): a class with no true and no predicted row
+    scores 0."""
+    tp = np.diagonal(counts, axis1=-2, axis2=-1)
+    fp, fn = counts.sum(-2) - tp, counts.sum(-1) - tp
+    denominator = 2 * tp + fp + fn
+    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1e-12), 0.0).mean(-1)
+
+
+def bootstrap_f1(preds, labels, weights):
+    """Macro F1 of each prediction vector on each bootstrap resample of the rows.
+    preds (R, N) class ids of R runs, labels (N,), weights (B, N) how often each row is drawn in
+    each of B resamples -> (B, R). One matrix product per run: the resample's confusion counts are
+    the draw counts summed per (true, predicted) cell."""
+    k = common.NUM_CLASSES
+    cells = np.eye(k ** 2)[labels * k + preds]                                    # (R, N, 16)
+    counts = np.einsum("bn,rnc->brc", weights, cells)                             # (B, R, 16)
+    return macro_f1_from_counts(counts.reshape(*counts.shape[:2], k, k))
+
+
+def paired_bootstrap(preds_a, preds_b, labels, samples=BOOTSTRAP_SAMPLES, seed=0,
+                     paired_seeds=False):
+    """95% interval of mean macro F1 of A minus that of B. preds_a (Ra, N), preds_b (Rb, N): the
+    test predictions of each experiment's seeds.
+
+    How seeds enter: each resample draws the test rows with replacement (the same rows for both:
+    the pairing, which removes the variation the two share, that of which texts happen to be in the
+    test set), and the seeds with replacement; the statistic is the mean macro F1 over the drawn
+    seeds. So the interval holds both the test set's sampling noise and the seed-to-seed noise of
+    training. With paired_seeds (both ran the same seeds, row k of each trained with seed k: the
+    same batch order, the same random head at the start) seed k of A is drawn with seed k of B,
+    which removes the part of the seed noise the two share, as drawing the same test rows does for
+    the rows; else each experiment's seeds are drawn on their own. With 3 seeds the seed noise is
+    estimated crudely (resampling n values understates their variance by (n-1)/n): more seeds, a
+    truer interval.
+    Returns (observed difference, low, high)."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=samples).astype(np.float64)   # (B, N)
+    f1_a, f1_b = bootstrap_f1(preds_a, labels, weights), bootstrap_f1(preds_b, labels, weights)
+    pick_a = rng.integers(0, len(preds_a), size=(samples, len(preds_a)))
+    pick_b = pick_a if paired_seeds else rng.integers(0, len(preds_b), size=(samples, len(preds_b)))
+    diffs = (np.take_along_axis(f1_a, pick_a, 1).mean(1)
+             - np.take_along_axis(f1_b, pick_b, 1).mean(1))
+    observed = (np.mean([macro_f1(labels, p) for p in preds_a])
+                - np.mean([macro_f1(labels, p) for p in preds_b]))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(observed), float(low), float(high)
+
+
+def macro_f1(labels, preds):
+    """Macro F1 over all four classes, also where a small test sample lacks one."""
+    return f1_score(labels, preds, average="macro", labels=range(common.NUM_CLASSES))
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact McNemar: one right/wrong per row and experiment
+# --------------------------------------------------------------------------------------------------
+def mcnemar_exact(right_a, right_b):
+    """Exact McNemar test: of the rows where exactly one of A and B is right, is A's share 1/2?
+    b = A right, B wrong; c = the reverse; under H0 b ~ Binomial(b + c, 1/2). Two-sided p."""
+    b = int(np.sum(right_a & ~right_b))
+    c = int(np.sum(~right_a & right_b))
+    if b + c == 0:
+        return 1.0
+    return float(binomtest(min(b, c), b + c, 0.5).pvalue)
+
+
+def majority_right(preds, labels):
+    """(N,) bool: the row is right for an experiment when more than half of its seeds get it right
+    (a tie, with an even number of seeds, counts as wrong). McNemar needs one right/wrong per row
+    and experiment. The majority of seeds is itself a little more accurate than a typical seed, so
+    the p describes that majority; the interval describes the mean over seeds (with one seed they
+    agree)."""
+    return (preds == labels).mean(0) > 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# The table: one row per experiment, each against the baseline, and the verdict
+# --------------------------------------------------------------------------------------------------
+def mean_std(values):
+    values = np.asarray(values, dtype=np.float64)
+    return values.mean(), (values.std(ddof=1) if len(values) > 1 else 0.0)
+
+
+def summarise(experiment, labels):
+    """One row of the table, before the comparison with the baseline."""
+    business, scitech = common.BUSINESS, common.SCITECH
+    probs = experiment.probs(len(labels))
+    preds = np.stack([p.argmax(1) for p in probs])                                # (R, N)
+    per_class = np.stack([f1_score(labels, p, average=None, labels=range(common.NUM_CLASSES))
+                          for p in preds])
+    mixed = [int(np.sum((labels == business) & (p == scitech))
+                 + np.sum((labels == scitech) & (p == business)))
+             for p in preds]
+    metrics = experiment.metrics
+    memory = [m.get("memory", {}) for m in metrics]
+    peak = [mem.get("cuda_max_allocated_gb", mem.get("cpu_max_rss_gb")) for mem in memory]
+    trainable = {m.get("parameters", {}).get("trainable") for m in metrics}
+    return {"experiment": experiment.name, "seeds": len(preds), "preds": preds,
+            "accuracy": mean_std((preds == labels).mean(1)),
+            "macro_f1": mean_std([macro_f1(labels, p) for p in preds]),
+            "f1_runs": [macro_f1(labels, p) for p in preds],
+            "f1_business": mean_std(per_class[:, business]),
+            "f1_scitech": mean_std(per_class[:, scitech]),
+            "business_scitech_errors": mean_std(mixed),
+            "train_time_s": mean_std([m.get("train_time_s", np.nan) for m in metrics]),
+            "samples_per_s": mean_std([m.get("train_samples_per_s", np.nan) for m in metrics]),
+            "trainable": trainable.pop() if len(trainable) == 1 else None,
+            "peak_memory_gb": mean_std([np.nan if p is None else p for p in peak]),
+            "memory_kind": ("CUDA allocated" if any("cuda_max_allocated_gb" in m for m in memory)
+                            else "CPU max RSS")}
+
+
+def compare_experiments(experiments, labels, baseline_name=None, seed=0):
+    """Rows of the comparison table, the baseline's first, each against the baseline."""
+    if baseline_name is not None:
+        chosen = [e for e in experiments if e.name == baseline_name]
+        if not chosen:
+            raise common.UserError(f"--baseline {baseline_name}: no such experiment; there are "
+                                   f"{', '.join(e.name for e in experiments)}")
+        baseline = chosen[0]
+    else:
+        baseline = next((e for e in experiments if e.is_pooler_baseline), experiments[0])
+    others = [e for e in experiments if e is not baseline]
+    rows = [summarise(e, labels) for e in [baseline] + others]
+    experiment_of = {e.name: e for e in experiments}
+    base = rows[0]
+    for row in rows:
+        row["baseline"] = base["experiment"]
+        if row is base:
+            row["diff"], row["p"] = None, None
+            continue
+        seeds = experiment_of[row["experiment"]].seeds
+        paired = len(seeds) > 1 and seeds == baseline.seeds
+        row["seeds_paired"] = paired
+        row["diff"] = paired_bootstrap(row["preds"], base["preds"], labels, seed=seed,
+                                       paired_seeds=paired)
+        row["p"] = mcnemar_exact(majority_right(row["preds"], labels),
+                                 majority_right(base["preds"], labels))
+    return rows
+
+
+def verdict(row):
+    """'+0.0123 [+0.0040, +0.0210] *' where the interval excludes 0, else the plain 'inside the
+    noise'."""
+    if row["diff"] is None:
+        return "baseline"
+    diff, low, high = row["diff"]
+    real = low > 0 or high < 0
+    paired = " (seeds paired)" if row.get("seeds_paired") else ""
+    return (f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]" + (" *" if real else " (inside the noise)")
+            + paired)
+
+
+COMPARE_COLUMNS = ["experiment", "seeds", "test accuracy", "macro F1", "F1 Business",
+                   "F1 Sci/Tech", "Business<->Sci/Tech errors", "training time (s)", "samples/s",
+                   "trainable parameters", "peak memory (GB)", "macro F1 - baseline [95% CI]",
+                   "McNemar p"]
+
+
+def table_cells(row):
+    def pm(pair, digits):
+        mean, std = pair
+        return "-" if np.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return [row["experiment"], str(row["seeds"]), pm(row["accuracy"], 4), pm(row["macro_f1"], 4),
+            pm(row["f1_business"], 4), pm(row["f1_scitech"], 4),
+            pm(row["business_scitech_errors"], 1),
+            pm(row["train_time_s"], 0), pm(row["samples_per_s"], 1),
+            "-" if row["trainable"] is None else f"{row['trainable']:,}",
+            pm(row["peak_memory_gb"], 2),
+            verdict(row), "-" if row["p"] is None else f"{row['p']:.2g}"]
+
+
+def plot_compare(rows, path):
+    """Macro F1 per experiment: mean with a ±1 std bar, each seed a dot; the baseline's mean
+    dashed."""
+    fig, ax = plt.subplots(figsize=(COMPARE_WIDTH, 2 + 0.45 * len(rows)))
+    for y, row in enumerate(rows):
+        mean, std = row["macro_f1"]
+        marked = row["diff"] is not None and (row["diff"][1] > 0 or row["diff"][2] < 0)
+        ax.errorbar(mean, y, xerr=std, fmt="o", color="tab:red" if marked else "tab:blue",
+                    capsize=4)
+        ax.scatter(row["f1_runs"], [y] * len(row["f1_runs"]), s=14, color="black", alpha=0.6,
+                   zorder=3)
+    ax.axvline(rows[0]["macro_f1"][0], color="grey", linestyle="--")
+    ax.set_title(f"dashed: the baseline's mean ({rows[0]['experiment']}); red: its 95% interval "
+                 f"of the difference excludes 0", fontsize=10)
+    ax.set_yticks(range(len(rows)), [f"{r['experiment']} ({r['seeds']})" for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("test macro F1: mean ± std over seeds (black dots: the seeds)")
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
+def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0):
+    """Print the table; write compare.md, compare.csv and compare.png into out_dir."""
+    experiments = gather_experiments(paths)
+    labels = common.load_scored_split(experiments[0].runs[0], "test", data_dir).labels
+    rows = compare_experiments(experiments, labels, baseline_name, seed)
+    cells = [table_cells(row) for row in rows]
+    markdown = "\n".join(["| " + " | ".join(COMPARE_COLUMNS) + " |",
+                          "|" + " --- |" * len(COMPARE_COLUMNS)]
+                         + ["| " + " | ".join(c) + " |" for c in cells])
+    note = (f"Test set: {len(labels):,} rows. Mean ± std over seeds; peak memory is "
+            f"{rows[0]['memory_kind']}. Differences in macro F1 against {rows[0]['experiment']}: "
+            f"95% paired bootstrap over test rows and seeds ({BOOTSTRAP_SAMPLES} resamples; seed k "
+            f"drawn with the baseline's seed k where both ran the same seeds); * = the interval "
+            f"excludes 0. McNemar: exact, on the rows each experiment's majority of seeds gets "
+            f"right (a tie counts as wrong).")
+    print("\n" + markdown + "\n\n" + note)
+    out_dir = Path(out_dir)
+    common.atomic_write(out_dir / "compare.md",
+                        lambda tmp: Path(tmp).write_text(markdown + "\n\n" + note + "\n"))
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(COMPARE_COLUMNS)
+            writer.writerows(cells)
+    common.atomic_write(out_dir / "compare.csv", write_csv)
+    print(f"wrote {out_dir / 'compare.md'}\nwrote {out_dir / 'compare.csv'}")
+    plot_compare(rows, out_dir / "compare.png")
+    return rows

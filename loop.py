@@ -1,0 +1,480 @@
+"""The training loop, twice: first with nothing but the maths, then as every script runs it.
+
+Read this after bert.py (the model). It teaches:
+  1. train_plain()  the loop a learner meets first, in ~30 lines: batches, forward, loss, backward,
+                    clip, AdamW step, learning-rate schedule, a validation pass per epoch.
+  2. train()        the same loop with each concern a real run needs, each a named helper below
+                    it: mixed precision (forward_loss, GradScaler), gradient accumulation, AWP
+                    (awp.py), running sums read without stalling the device (RunningLoss), the
+                    best epoch's weights, an exact resume point (ResumePoint), Ctrl-C/SIGTERM at a
+                    step boundary (StopSignal), DDP and torch.compile (model_for_training).
+                    tests/test_loop.py trains one tiny model with both and finds the same weights.
+The flags, start and end of a run around train() are in run.py.
+Next: train_bert.py and train_lora.py, which build a model (bert.py) and call these.
+"""
+import json
+import math
+import shlex
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import awp
+import bert
+import common
+
+
+def train_plain(model, data, args, runtime):
+    """The loop with every option off (fp32, no accumulation, no AWP, no resume, one process): the
+    same maths as train(), which tests/test_loop.py checks. `data` maps train/val to Encoded splits;
+    args holds lr, weight_decay, warmup, clip, epochs, batch_size, seed. Returns the val metrics of
+    each epoch."""
+    train_split = data["train"]
+    model.to(runtime.device)
+    steps_per_epoch = len(common.make_batches(train_split.lengths, args.batch_size, shuffle=False))
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = warmup_linear_decay(optimizer, steps_per_epoch * args.epochs, args.warmup)
+    history = []
+    for epoch in range(args.epochs):
+        torch.manual_seed(args.seed * 1000 + epoch)  # this epoch's dropout masks
+        model.train()
+        for rows in common.make_batches(train_split.lengths, args.batch_size, shuffle=True,
+                                        seed=args.seed * 1000 + epoch):
+            input_ids, mask, labels = batch_tensors(train_split, rows, 0, runtime.device)
+            logits = model(input_ids, mask)                  # (B, 4)
+            loss = F.cross_entropy(logits, labels)           # mean over the batch
+            loss.backward()                                  # gradients into p.grad
+            # Clip the gradient's norm, so that one odd batch cannot throw the weights far.
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()  # AdamW: w -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * w)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()                                 # warm-up, then linear decay to 0
+        val_probs = common.predict(model, data["val"], runtime, desc="scoring val")
+        history.append(common.evaluate(val_probs, data["val"].labels))
+    return history
+
+
+def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
+          trainable_only=False):
+    """train_plain() as every script runs it. Each epoch ends with a validation pass; the best
+    epoch's weights (by val macro F1) go to run_dir/weights_name, and a resume point to
+    run_dir/resume.safetensors (also every --save-every steps, and on SIGINT/SIGTERM). Batches and
+    dropout are drawn from (seed, epoch), and a resume point keeps the RNG state, so a resumed run
+    repeats exactly what the whole run does. Returns the per-epoch history."""
+    if args.save_every < 0:
+        raise common.UserError(f"--save-every must be 0 (epoch ends only) or more, "
+                               f"got {args.save_every}")
+    device, train_split = runtime.device, data["train"]
+    model.to(device)
+    batches_per_epoch = len(common.make_batches(train_split.lengths, args.batch_size, False,
+                                                rank=runtime.rank, world_size=runtime.world_size))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = warmup_linear_decay(optimizer, steps_per_epoch * args.epochs, args.warmup)
+    # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
+    step_model = model_for_training(model, runtime, args.compile)  # DDP, torch.compile
+    perturber = awp.AWP(model, args.awp_lr, args.awp_eps) if args.awp else None
+    resume_point = ResumePoint(run_dir, args, model, optimizer, scheduler, scaler, runtime,
+                               trainable_only)
+    resuming = args.resume and resume_point.path.exists()
+    at, running = resume_point.load() if resuming else (Progress(), None)
+    stop = StopSignal(runtime)
+    try:
+        for epoch in range(at.epoch, args.epochs):
+            batches = common.make_batches(train_split.lengths, args.batch_size, shuffle=True,
+                                          seed=args.seed * 1000 + epoch, bucket=not args.no_bucket,
+                                          rank=runtime.rank, world_size=runtime.world_size)
+            if at.batch == 0:  # a fresh epoch; a resumed one has its RNG state and sums back
+                torch.manual_seed(args.seed * 1000 + epoch)  # this epoch's dropout masks
+                running = RunningLoss(device)
+            use_awp = perturber is not None and epoch + 1 >= args.awp_start
+            step_model.train()
+            # disable=None: a bar on a terminal; in a log file none, but a line every --log-every
+            # steps.
+            bar = tqdm(total=len(batches), initial=at.batch,
+                       desc=f"epoch {epoch + 1}/{args.epochs}",
+                       disable=None if runtime.is_main else True, leave=False)
+            t0 = time.perf_counter() - at.train_time_s
+            for i in range(at.batch, len(batches)):
+                pad_to = args.max_len if args.pad_to_max else 0
+                input_ids, mask, labels = batch_tensors(train_split, batches[i], pad_to, device)
+                group = min(args.grad_accum, len(batches) - i + i % args.grad_accum)  # last: short
+                loss, logits = forward_loss(step_model, input_ids, mask, labels, runtime)
+                scaler.scale(loss / group).backward()
+                if use_awp:  # the batch again at weights moved up the loss; its gradient adds on
+                    with perturber.perturbed():
+                        awp_loss = forward_loss(step_model, input_ids, mask, labels, runtime)[0]
+                        scaler.scale(awp_loss / group).backward()
+                running.add(loss, logits, labels)
+                bar.update()
+                if (i + 1) % args.grad_accum and i + 1 < len(batches):
+                    continue  # accumulate the next batch's gradient
+                optimizer_step(params, optimizer, scheduler, scaler, args.clip)
+                at.step, at.batch = at.step + 1, i + 1
+
+                if at.step % args.log_every == 0:
+                    log_progress(bar, running, at, runtime, steps_per_epoch,
+                                 time.perf_counter() - t0)
+                signum = stop.agreed()
+                save_now = args.save_every and at.step % args.save_every == 0
+                if signum or (save_now and at.batch < len(batches)):
+                    at.train_time_s = time.perf_counter() - t0
+                    resume_point.save(at, running)
+                    if signum:
+                        bar.close()
+                        stop.exit(signum, at, resume_point.path)
+            bar.close()
+
+            record = end_of_epoch(epoch, model, data["val"], runtime, running, at.step,
+                                  time.perf_counter() - t0)
+            at.history.append(record)
+            at.epoch, at.batch, at.train_time_s = epoch + 1, 0, 0.0
+            if runtime.is_main and record["val_macro_f1"] > at.best_f1:
+                common.save_weights(Path(run_dir) / weights_name,
+                                    weights_to_save(model, trainable_only))
+            at.best_f1 = max(at.best_f1, record["val_macro_f1"])
+            resume_point.save(at, None)
+            if runtime.world_size > 1:
+                torch.distributed.barrier()  # no rank reads the best weights before rank 0 did
+            signum = stop.agreed()  # a signal during validation: the resume point is written
+            if signum:
+                stop.exit(signum, at, resume_point.path)
+    finally:
+        stop.close()
+    return at.history
+
+
+def batch_tensors(split, rows, pad_to, device):
+    """The rows `rows` of an Encoded split as (input_ids (B, T), attention_mask (B, T), labels (B,))
+    on device; pad_to=0 pads to the longest row of the batch."""
+    input_ids, mask = common.to_device([split.ids[j] for j in rows], pad_to, device)
+    labels = torch.from_numpy(split.labels[rows]).to(device, non_blocking=True)
+    return input_ids, mask, labels
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW over trainable parameters. Weight decay on matrices only: decaying biases and LayerNorm
+    gains pulls them towards 0, which only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=next(model.parameters()).is_cuda)
+
+
+def warmup_linear_decay(optimizer, total_steps, warmup_fraction):
+    warmup = max(1, int(total_steps * warmup_fraction))
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def model_for_training(model, runtime, compile=False):
+    """What the training step calls: the model, wrapped in DDP under torchrun (gradients averaged
+    over processes during backward), then with --compile in torch.compile. Both wrappers share the
+    model's parameters, so `model` itself, what predict() scores and what is saved, stays the plain
+    module with its usual state_dict keys."""
+    step_model = model
+    if runtime.world_size > 1:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if compile:
+        for module in model.modules():
+            if isinstance(module, bert.AttnPoolHead):
+                # Its Triton kernels sit inside a custom autograd.Function, which the compiler is
+                # not trusted to trace: that head runs as written, between the compiled graphs
+                # around it.
+                module.forward = torch.compiler.disable(module.forward)
+        step_model = torch.compile(step_model)
+        if runtime.is_main:
+            print("--compile: the first steps compile the model (a minute or more; again for new "
+                  "batch shapes)")
+    return step_model
+
+
+def forward_loss(model, input_ids, mask, labels, runtime):
+    """Logits (B, 4) under autocast, and their mean cross-entropy, taken in fp32."""
+    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype,
+                        enabled=runtime.amp_dtype is not None):
+        logits = model(input_ids, mask)
+    return F.cross_entropy(logits.float(), labels), logits
+
+
+def optimizer_step(params, optimizer, scheduler, scaler, clip):
+    """Unscale (fp16 only), clip, step, zero the gradients, advance the schedule. Nothing here waits
+    for the GPU: clip_grad_norm_ keeps the norm on the device, and GradScaler hands its inf check to
+    the fused AdamW on CUDA instead of reading it back."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
+class RunningLoss:
+    """The epoch's training loss and accuracy, summed on the device where they are computed. Adding
+    to a device tensor queues work and returns at once; `.item()` every step would make the CPU wait
+    for the GPU to finish before it could queue the next step. read() fetches the sums (one wait)
+    every --log-every steps and at the epoch's end, summed over processes under DDP, and adds a
+    point [step, mean loss since the last read] to `curve`."""
+
+    def __init__(self, device, totals=None, read_sums=(0.0, 0.0, 0.0), curve=()):
+        # sum over rows of the loss
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.rows = 0  # counted on the host: known without asking the device
+        if totals is not None:  # a resumed epoch: the sums so far (all processes') go to rank 0
+            self.loss_sum += totals[0].item()
+            self.correct += int(totals[1])
+            self.rows = int(totals[2])
+        self.read_sums = list(read_sums)  # totals at the last read
+        self.curve = [list(point) for point in curve]
+
+    def add(self, loss, logits, labels):
+        self.loss_sum += loss.detach().double() * len(labels)
+        self.correct += (logits.argmax(-1) == labels).sum()
+        self.rows += len(labels)
+
+    def totals(self, world_size):
+        """(loss * rows, correct, rows) so far this epoch, over all processes (a collective under
+        DDP)."""
+        sums = torch.stack([self.loss_sum, self.correct.double(),
+                            torch.full_like(self.loss_sum, self.rows)])
+        if world_size > 1:
+            torch.distributed.all_reduce(sums)
+        return sums
+
+    def read(self, step, world_size):
+        """(mean loss, accuracy) so far this epoch."""
+        loss_sum, correct, rows = self.totals(world_size).tolist()
+        if rows > self.read_sums[2]:
+            self.curve.append([step, (loss_sum - self.read_sums[0]) / (rows - self.read_sums[2])])
+        self.read_sums = [loss_sum, correct, rows]
+        return loss_sum / rows, correct / rows
+
+
+@dataclass
+class Progress:
+    """Where a run stands; a resume point records it (with the tensors) and a resumed run starts
+    from it."""
+    epoch: int = 0            # epochs finished
+    batch: int = 0            # batches of the current epoch done (0: the epoch has not started)
+    step: int = 0             # optimizer steps done, all epochs
+    best_f1: float = -1.0     # best validation macro F1 so far
+    history: list = field(default_factory=list)  # one record per finished epoch
+    train_time_s: float = 0.0  # spent in the current epoch so far
+
+
+# Flags that may differ between a run and its resumption: where and how fast it runs, not what it
+# computes.
+RESUME_FREE_FLAGS = ("device", "resume", "out", "seeds", "save_every", "log_every", "compile")
+
+
+def weights_to_save(model, trainable_only):
+    """A LoRA run saves only what it trained (the adapter and head); others save the whole model."""
+    return common.trainable_state(model) if trainable_only else model.state_dict()
+
+
+def optimizer_tensors(optimizer):
+    """AdamW state as flat named tensors, so it fits safetensors (no pickle)."""
+    flat = {}
+    for i, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            flat[f"{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return flat
+
+
+def load_optimizer_tensors(optimizer, flat):
+    state = {}
+    for name, value in flat.items():
+        i, key = name.split(".", 1)
+        state.setdefault(int(i), {})[key] = value
+    sd = optimizer.state_dict()
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+
+
+class ResumePoint:
+    """run_dir/resume.safetensors: all a resumed run needs to go on exactly as if never stopped, in
+    ONE file written atomically, so that a kill never leaves the weights of one step beside the
+    progress of another. Tensors: model.* (the trainable ones only, for LoRA), opt.* (AdamW's
+    moments and step counts), rng.* (every process's RNG states: dropout goes on with the very masks
+    it would have drawn) and running (loss, correct, rows summed so far this epoch). Metadata
+    "progress" (JSON): Progress, the flags, the scheduler and the GradScaler (fp16's loss scale).
+    Every process takes part in save() (their RNG states and sums are gathered); rank 0 writes."""
+
+    def __init__(self, run_dir, args, model, optimizer, scheduler, scaler, runtime, trainable_only):
+        self.path = Path(run_dir) / common.RESUME_FILE
+        self.model, self.optimizer, self.scheduler, self.scaler = (
+            model, optimizer, scheduler, scaler)
+        self.runtime, self.trainable_only = runtime, trainable_only
+        # What must not change between a run and its resumption.
+        self.run_args = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_FREE_FLAGS}
+
+    def rng_states(self):
+        """{rng.cpu.<rank>, rng.cuda.<rank>: uint8 state}, every process's (gathered on the CPU)."""
+        mine = {"cpu": torch.get_rng_state()}
+        if self.runtime.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.runtime.device)
+        states = {}
+        for kind, state in mine.items():
+            parts = [state]
+            if self.runtime.world_size > 1:
+                parts = [torch.empty_like(state) for _ in range(self.runtime.world_size)]
+                torch.distributed.all_gather(parts, state, group=self.runtime.control_group)
+            states.update({f"rng.{kind}.{rank}": part for rank, part in enumerate(parts)})
+        return states
+
+    def save(self, at, running):
+        """`running`: the epoch's RunningLoss while mid-epoch, None at an epoch's end."""
+        tensors = self.rng_states()
+        running_state = {}
+        if running is not None:
+            tensors["running"] = running.totals(self.runtime.world_size)
+            running_state = {"read_sums": running.read_sums, "curve": running.curve}
+        if not self.runtime.is_main:
+            return
+        tensors.update({f"model.{k}": v
+                        for k, v in weights_to_save(self.model, self.trainable_only).items()})
+        tensors.update({f"opt.{k}": v for k, v in optimizer_tensors(self.optimizer).items()})
+        progress = {**vars(at), "args": self.run_args, "world_size": self.runtime.world_size,
+                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    "running": running_state}
+        common.save_weights(self.path, tensors, metadata={"progress": json.dumps(progress)})
+
+    def load(self):
+        """Restore everything in place; returns (Progress, the epoch's RunningLoss or None)."""
+        saved, metadata = common.load_weights(self.path, with_metadata=True)
+        progress = json.loads(metadata["progress"])
+        changed = {k: (progress["args"].get(k), v) for k, v in self.run_args.items()
+                   if progress["args"].get(k) != v}
+        if changed:
+            raise common.UserError(
+                f"{self.path}: the run was started with other flags "
+                f"({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())})")
+        if progress.get("world_size", self.runtime.world_size) != self.runtime.world_size:
+            raise common.UserError(f"{self.path}: the run was started with "
+                                   f"{progress['world_size']} processes, resume it with as many "
+                                   f"(each one's batches depend on it)")
+        self.model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")},
+                                   strict=not self.trainable_only)
+        load_optimizer_tensors(self.optimizer,
+                               {k[4:]: v for k, v in saved.items() if k.startswith("opt.")})
+        self.scheduler.load_state_dict(progress["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            # the scheduler restores its step count, not the optimizer's current lr
+            group["lr"] = lr
+        if self.scaler.is_enabled() and progress.get("scaler"):
+            self.scaler.load_state_dict(progress["scaler"])
+        rank = self.runtime.rank
+        if f"rng.cpu.{rank}" in saved:
+            torch.set_rng_state(saved[f"rng.cpu.{rank}"])
+        if self.runtime.device.type == "cuda" and f"rng.cuda.{rank}" in saved:
+            torch.cuda.set_rng_state(saved[f"rng.cuda.{rank}"], self.runtime.device)
+        at = Progress(**{f.name: progress[f.name] for f in fields(Progress) if f.name in progress})
+        running = None
+        if "running" in saved:
+            totals = (saved["running"] if self.runtime.is_main else
+                      torch.zeros(3, dtype=torch.float64))
+            running = RunningLoss(self.runtime.device, totals, **progress["running"])
+        if self.runtime.is_main:
+            print(f"resuming {self.path.parent} at epoch {at.epoch + 1}, batch {at.batch} "
+                  f"(step {at.step})")
+        return at, running
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) and SIGTERM (kill, a batch scheduler's time limit, torchrun passing either
+    on) end the run at a step boundary instead of wherever they land: the handler only notes the
+    signal; the loop finishes the optimizer step in flight, writes a resume point, says how to
+    resume and exits with 128 + the signal's number (130, 143: the shell's convention). The same
+    signal twice stops at once, without a resume point.
+    Under DDP every process must stop after the same step, or the others would wait forever in the
+    next step's gradient all-reduce. So the processes agree after every step, over the runtime's
+    control group: a few bytes between CPUs, no wait for the GPU. (torchrun passes a signal on to
+    every worker and kills them 30 s later, so a step must take less than that.)"""
+
+    def __init__(self, runtime):
+        self.runtime, self.signum, self.previous = runtime, 0, {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                # a background job ignores Ctrl-C: keep it so
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self.previous[sig] = signal.signal(sig, self.note)
+
+    def note(self, signum, frame):
+        if signum == self.signum:  # asked twice: stop now, as if we had never caught it
+            self.close()
+            signal.raise_signal(signum)
+        self.signum = self.signum or signum
+
+    def agreed(self):
+        """The signal number if any process got one (after this step), else 0."""
+        if self.runtime.world_size == 1:
+            return self.signum
+        flag = torch.tensor([self.signum])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                     group=self.runtime.control_group)
+        return int(flag)
+
+    def exit(self, signum, at, path):
+        if self.runtime.world_size > 1:
+            # rank 0 has written the resume point
+            torch.distributed.barrier(group=self.runtime.control_group)
+        if self.runtime.is_main:
+            where = (f"epoch {at.epoch + 1}, batch {at.batch}" if at.batch else
+                     f"the end of epoch {at.epoch}")
+            how = ("rerun the same torchrun command with --resume"
+                   if self.runtime.world_size > 1 else
+                   f"python {shlex.join(sys.argv)}{'' if '--resume' in sys.argv else ' --resume'}")
+            print(f"\n{signal.Signals(signum).name}: stopped after step {at.step} ({where}); "
+                  f"resume point {path}\nto resume: {how}", flush=True)
+        raise SystemExit(128 + signum)
+
+    def close(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def log_progress(bar, running, at, runtime, steps_per_epoch, seconds):
+    """Read the running loss (one wait for the device, every process) and show it: on the bar on a
+    terminal, as a short line in a log file (rank 0)."""
+    loss, accuracy = running.read(at.step, runtime.world_size)
+    samples_s = running.read_sums[2] / seconds
+    if not runtime.is_main:
+        return
+    if bar.disable:
+        step_in_epoch = at.step - at.epoch * steps_per_epoch
+        print(f"epoch {at.epoch + 1} step {step_in_epoch}/{steps_per_epoch}: loss {loss:.4f} "
+              f"acc {accuracy:.4f} {samples_s:.1f} samples/s", flush=True)
+    else:
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.4f}", samples_s=f"{samples_s:.1f}")
+
+
+def end_of_epoch(epoch, model, val_split, runtime, running, step, train_time):
+    """The epoch's record in the history: its training loss, accuracy and curve (read off the
+    device), time and speed, and a validation pass; printed as one line (rank 0)."""
+    train_loss, train_accuracy = running.read(step, runtime.world_size)
+    val = common.evaluate(common.predict(model, val_split, runtime, desc="scoring val"),
+                          val_split.labels)
+    record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
+              "train_time_s": train_time, "train_samples_per_s": running.read_sums[2] / train_time,
+              **{f"val_{k}": v for k, v in val.items()}, "train_loss_steps": running.curve}
+    if runtime.is_main:
+        print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
+              f"val acc {val['accuracy']:.4f}  val macro F1 {val['macro_f1']:.4f}  "
+              f"({record['train_samples_per_s']:.1f} samples/s)")
+    return record

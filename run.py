@@ -1,0 +1,161 @@
+"""A run's life, shared by the three training scripts: its flags, its start, its seeds, its end.
+
+Not a lesson of its own (read loop.py for the loop): the plumbing around one call of loop.train().
+  add_common_args  the flags every training script takes (data, sizes, optimizer, precision,
+                   seeds, folder, resume; AWP's from awp.py and EDA's from eda.py)
+  start_run        device and precision, seeds, the run folder, the data (EDA copies with --eda)
+  run_each_seed    one run, or one per seed of --seeds into <folder>/seed<k>/
+  finish_run       reload the best epoch, score val and test, write the run folder
+"""
+import copy
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import awp
+import common
+import eda
+
+
+def add_common_args(parser, lr, epochs, batch_size=32):
+    """The flags every training script shares; defaults for lr/epochs/batch are the script's own."""
+    parser.add_argument("--data",
+                        help="AG News folder (train.csv, test.csv); default $AGNEWS_DIR or "
+                             "data/ag_news")
+    parser.add_argument("--train-size", type=common.positive_int,
+                        help="stratified subsample of the training rows")
+    parser.add_argument("--val-size", type=common.positive_int,
+                        help="stratified subsample of the validation slice (smoke runs only)")
+    parser.add_argument("--test-size", type=common.positive_int,
+                        help="stratified subsample of the official test set (smoke runs only)")
+    parser.add_argument("--max-len", type=common.positive_int, default=128,
+                        help="tokens per text at most, [CLS] and [SEP] included")
+    parser.add_argument("--epochs", type=common.positive_int, default=epochs,
+                        help="passes over the training rows")
+    parser.add_argument("--batch-size", type=common.positive_int, default=batch_size,
+                        help="rows per batch (per process under torchrun)")
+    parser.add_argument("--grad-accum", type=common.positive_int, default=1,
+                        help="optimizer step every N batches")
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate of AdamW")
+    parser.add_argument("--weight-decay", type=float, default=0.01,
+                        help="AdamW weight decay, on matrices only")
+    parser.add_argument("--warmup", type=float, default=0.1,
+                        help="fraction of steps with linear warm-up")
+    parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm")
+    parser.add_argument("--no-bucket", action="store_true",
+                        help="shuffle without grouping rows by length")
+    parser.add_argument("--pad-to-max", action="store_true",
+                        help="pad every row to --max-len (for comparison)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of weights init, dropout and batch order")
+    parser.add_argument("--seeds", type=common.parse_seeds,
+                        help="train once per seed, e.g. 0,1,2, into <out>/seed<k>/; with --out or "
+                             "--resume a seed already finished there is kept, not trained again")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: cuda when a GPU is visible")
+    parser.add_argument("--precision", default="auto", choices=common.PRECISIONS,
+                        help="autocast dtype; auto: bf16 on a GPU that has it, else fp16; on the "
+                             "CPU bf16 where it has bf16 instructions (AVX512-BF16, AMX), else "
+                             "fp32")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for training (slow first steps)")
+    parser.add_argument("--out",
+                        help="run folder (default runs/<name>, or runs/<name>-2, -3, ... when "
+                             "taken)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --out (default: the newest "
+                             "runs/<name>[-k])")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="also write the resume point every N optimizer steps inside an epoch "
+                             "(0: at epoch ends only)")
+    parser.add_argument("--log-every", type=common.positive_int, default=50,
+                        help="read loss and accuracy off the device every N optimizer steps (bar, "
+                             "log line, curve)")
+    awp.add_awp_args(parser)
+    eda.add_eda_args(parser)
+    return parser
+
+
+def start_run(args, name):
+    """What every training script does first: device, seeds, run folder, data.
+    Returns (runtime, run_dir, splits, t_start)."""
+    t_start = time.perf_counter()
+    runtime = common.setup_runtime(args.device, args.precision)
+    # what auto chose: config.json and the resume check record it
+    args.precision = runtime.precision
+    common.reset_peak_memory(runtime.device)
+    common.seed_everything(args.seed)
+    run_dir = common.prepare_run_dir(args, name)
+    if runtime.world_size > 1:
+        # every process has checked the folder before rank 0 writes in it
+        torch.distributed.barrier()
+    splits = common.load_ag_news(args.data, args.train_size, args.test_size, args.val_size)
+    splits = eda.augment_train_split(args, splits, runtime)
+    return runtime, run_dir, splits, t_start
+
+
+def run_each_seed(args, name, train_one):
+    """Call train_one(args) once, or with --seeds once per seed, each into <folder>/seed<k>/: an
+    ordinary run folder, so vote.py, analyze.py and --resume work on each as on any run. <folder> is
+    --out or default_run_dir(name). A seed whose folder holds a finished run is kept, not trained
+    again, so an interrupted --seeds command picks up where it stopped. A run that fails before
+    writing anything leaves no empty folder behind."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not args.out:
+        # Each process would number the folder on its own, and one might see the other's new folder.
+        raise common.UserError("under torchrun, pass --out: every process must write to the same "
+                               "run folder")
+    if args.seeds is None:
+        args.out = str(Path(args.out) if args.out else common.default_run_dir(name, args.resume))
+        with common.no_empty_folders_left(args.out):
+            return train_one(args)
+    base = Path(args.out) if args.out else common.default_run_dir(name, args.resume)
+    for seed in args.seeds:
+        run_args = copy.copy(args)
+        run_args.seed, run_args.out = seed, str(common.seed_folder(base, seed))
+        if common.is_finished(run_args.out):
+            print(f"seed {seed}: {run_args.out} is finished, kept")
+            continue
+        print(f"seed {seed} of {','.join(map(str, args.seeds))}: {run_args.out}")
+        with common.no_empty_folders_left(run_args.out):
+            train_one(run_args)
+
+
+def finish_run(model, data, splits, runtime, run_dir, config, history, weights_name,
+               trainable_only, t_start):
+    """Reload the best epoch, score val and test, print the report, write probabilities and metrics,
+    drop the resume point. Every training script ends here."""
+    run_dir = Path(run_dir)
+    common.load_checked(model, run_dir / weights_name, trainable_only)
+    t0 = time.perf_counter()
+    val_probs = common.predict(model, data["val"], runtime, desc="scoring val")
+    test_probs = common.predict(model, data["test"], runtime, desc="scoring test")
+    score_time = time.perf_counter() - t0
+    test = common.evaluate(test_probs, data["test"].labels)
+    wall = time.perf_counter() - t_start
+    train_time = sum(h["train_time_s"] for h in history)
+    metrics = {"test": test, "val": common.evaluate(val_probs, data["val"].labels),
+               "history": history,
+               "best_epoch": max(history, key=lambda h: h["val_macro_f1"])["epoch"],
+               "train_time_s": train_time, "score_time_s": score_time, "wall_time_s": wall,
+               "train_samples_per_s": sum(h["train_samples_per_s"] for h in history) / len(history),
+               "rows": {k: len(v) for k, v in splits.items()},
+               "fingerprints": {k: v.fingerprint() for k, v in splits.items()},
+               "parameters": dict(zip(("total", "trainable"), common.count_parameters(model))),
+               "memory": common.peak_memory(runtime.device)}
+    if runtime.is_main:
+        common.print_report(data["test"].labels, test_probs)
+        common.save_npy(run_dir / "val_probs.npy", val_probs.astype(np.float32))
+        common.save_npy(run_dir / "test_probs.npy", test_probs.astype(np.float32))
+        common.save_json(run_dir / "config.json", config)
+        common.save_json(run_dir / "metrics.json", metrics)
+        (run_dir / common.RESUME_FILE).unlink(missing_ok=True)
+        mem = ", ".join(f"{k} {v:.2f}" for k, v in metrics["memory"].items())
+        # Training time counts every session of a resumed run; wall time only this session.
+        print(f"test accuracy {test['accuracy']:.4f}  macro F1 {test['macro_f1']:.4f}  | training "
+              f"{train_time:.1f} s ({metrics['train_samples_per_s']:.1f} samples/s), scoring "
+              f"{score_time:.1f} s, wall {wall:.1f} s this session | peak memory: {mem}")
+        print(f"saved {run_dir}/")
+    return metrics
