@@ -47,6 +47,7 @@ import bert
 import common
 import compare
 import explain
+import flags
 import shapley
 
 # --------------------------------------------------------------------------------------------------
@@ -68,11 +69,25 @@ WORD_PATTERN = r"(?u)\b[^\W\d_]{2,}\b"
 def newest_run(root="runs"):
     """The newest finished training run under root (a saved vote has no model: name it with
     --run)."""
-    runs = [run for run in common.find_runs(root)
-            if common.load_json(run / "config.json").get("script") != "vote"]
+    runs = [run for run in common.find_runs(root) if common.is_finished(run)
+            and common.load_json(run / "config.json").get("script") != "vote"]
     if not runs:
         raise common.UserError(f"no finished run under {root}/: pass --run runs/NAME")
     return runs[-1]
+
+
+def newest_run_note(run):
+    """Which run analyze.py took without --run, and why. After a --seeds run the newest is one seed
+    of an experiment (runs/<name>/seed<k>): analysing one seed is right, as each is an ordinary
+    run, but the user thinks of runs/<name>, so name its seed folders too."""
+    experiment = common.experiment_folder(run)
+    if experiment == Path(run):
+        return f"no --run: {run}, the newest finished run; pass --run to choose another"
+    seeds = sorted((int(match[1]), folder.name) for folder in experiment.iterdir()
+                   if (match := common.SEED_FOLDER.fullmatch(folder.name))
+                   and common.is_finished(folder))
+    return (f"no --run: {run}, the newest finished run (seed folders of {experiment}: "
+            f"{', '.join(name for _, name in seeds)}; pass --run to choose)")
 
 
 class SavedRun:
@@ -128,7 +143,7 @@ class SavedRun:
 # --------------------------------------------------------------------------------------------------
 def show_report(run):
     common.print_report(run.test.labels, run.probs)
-    macro_f1 = f1_score(run.test.labels, run.preds, average="macro")
+    macro_f1 = f1_score(run.test.labels, run.preds, average="macro", zero_division=0)
     print(f"macro F1 {macro_f1:.4f}")
     return macro_f1
 
@@ -413,8 +428,21 @@ ACTIONS = ["report", "confusion", "pca", "tsne", "tfidf", "errors", "attribution
            "contrast"]
 
 
+def shap_samples(text):
+    """argparse type of --shap-samples: shapley.check_shap_samples's rule, checked while the
+    command line is read."""
+    try:
+        samples = int(text)
+        shapley.check_shap_samples(samples)
+    except (ValueError, common.UserError):
+        raise argparse.ArgumentTypeError(f"expected an even whole number of at least 2 (the "
+                                         f"permutations come in antithetic pairs), "
+                                         f"got {text!r}") from None
+    return samples
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     parser.add_argument("--run", help="run folder (default: the newest finished run under runs/)")
     parser.add_argument("--out",
                         help="folder for the figures and word list (default <run>/analysis)")
@@ -433,7 +461,7 @@ def build_parser():
                         help="confusion matrix: counts and row rates")
     parser.add_argument("--pca", action="store_true", help="PCA map of the sentence vectors")
     parser.add_argument("--tsne", action="store_true", help="t-SNE map of the sentence vectors")
-    parser.add_argument("--sample", type=int, default=2000,
+    parser.add_argument("--sample", type=flags.sample_size, default=2000,
                         help="test rows in the PCA/t-SNE maps (stratified)")
     parser.add_argument("--tfidf", action="store_true",
                         help="top words of each confusion; writes the penalty list")
@@ -442,32 +470,33 @@ def build_parser():
                              "fair to test)")
     parser.add_argument("--pairs", default="business-scitech", choices=["business-scitech", "all"],
                         help="directions written to the penalty list")
-    parser.add_argument("--top-k", type=int, default=15, help="words per direction")
+    parser.add_argument("--top-k", type=flags.positive_int, default=15,
+                        help="words per direction")
     parser.add_argument("--penalty-json",
                         help="where to write the penalty list (default <out>/penalty_words.json)")
     parser.add_argument("--errors", action="store_true",
                         help="the most confidently wrong test rows")
-    parser.add_argument("--top", type=int, default=10,
+    parser.add_argument("--top", type=flags.positive_int, default=10,
                         help="rows for --errors (and --attribution without --text)")
     parser.add_argument("--attribution", action="store_true",
                         help="integrated-gradient token attributions")
     parser.add_argument("--text", action="append",
                         help="text to explain (repeatable); default: the top errors")
-    parser.add_argument("--steps", type=int, default=50,
+    parser.add_argument("--steps", type=flags.positive_int, default=50,
                         help="integrated-gradient steps (trapezoid rule)")
     parser.add_argument("--curves", action="store_true",
                         help="training and validation curves per epoch")
     parser.add_argument("--shap", action="store_true",
                         help="Shapley values of the words beside integrated gradients (each "
                              "--text, else the top errors)")
-    parser.add_argument("--shap-samples", type=int, default=64,
+    parser.add_argument("--shap-samples", type=shap_samples, default=64,
                         help=f"--shap, --contrast: permutations (antithetic pairs, so even) for a "
                              f"text of more than {shapley.SHAP_EXACT_WORDS} words; up to that, "
                              f"exact enumeration")
     parser.add_argument("--contrast", nargs=2, metavar=("TEXT_A", "TEXT_B"),
                         help="two texts side by side: probabilities, cosine similarity, place on "
                              "the PCA map, SHAP of their words (one PNG)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=flags.seed_int, default=0,
                         help="seed of the map sample, t-SNE, the SHAP orders and the --compare "
                              "bootstrap")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -485,13 +514,20 @@ def main(argv=None):
     if not any(getattr(args, action) for action in ACTIONS):
         raise common.UserError("nothing to do: pass one or more of --compare, "
                                + ", ".join(f"--{a}" for a in ACTIONS))
-    for flag, value in (("--sample", args.sample), ("--top-k", args.top_k), ("--top", args.top),
-                        ("--steps", args.steps)):
-        if value < 1:
-            raise common.UserError(f"{flag} must be at least 1, got {value}")
-    run = SavedRun(args.run or newest_run(), args.data, args.device)
+    run_dir = args.run
+    if run_dir is None:
+        run_dir = newest_run()
+        print(newest_run_note(run_dir))
+    run = SavedRun(run_dir, args.data, args.device)
     out_dir = Path(args.out) if args.out else run.dir / "analysis"
     print(f"analysing {run.dir} ({run.config.get('script')}); figures go to {out_dir}/")
+    # A typed text longer than the run's max_len is cut (common.encode): say how much is dropped.
+    if args.text and (args.attribution or args.shap):
+        common.note_long_texts(run.model_and_tokenizer[1], args.text, run.max_len,
+                               names=[f"--text {k}" for k in range(1, len(args.text) + 1)])
+    if args.contrast:
+        common.note_long_texts(run.model_and_tokenizer[1], args.contrast, run.max_len,
+                               names=["text A", "text B"])
 
     if args.report:
         show_report(run)

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-import common
+import flags
 
 
 def add_awp_args(parser):
@@ -21,13 +21,13 @@ def add_awp_args(parser):
                         help="adversarial weight perturbation (Wu et al. 2020, as Kaggle NLP "
                              "solutions use it): a second forward+backward per batch, "
                              "about 2x the cost of a step")
-    parser.add_argument("--awp-lr", type=float, default=1.0,
+    parser.add_argument("--awp-lr", type=flags.positive_float, default=1.0,
                         help="AWP: step up the gradient, as a multiple of each weight matrix's "
                              "own norm")
-    parser.add_argument("--awp-eps", type=float, default=1e-3,
+    parser.add_argument("--awp-eps", type=flags.positive_float, default=1e-3,
                         help="AWP: no weight moves more than eps * |w| "
                              "(Kaggle solutions use 1e-3 to 0.2)")
-    parser.add_argument("--awp-start", type=common.positive_int, default=1,
+    parser.add_argument("--awp-start", type=flags.positive_int, default=1,
                         help="AWP: first epoch it acts in (1-based)")
 
 

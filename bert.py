@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import flags
 
 
 @dataclass
@@ -400,10 +401,10 @@ def add_bert_args(parser):
     parser.add_argument("--head", default="pooler", choices=HEAD_NAMES,
                         help="what turns token states into one vector per text "
                              "(pooler = BertForSequenceClassification)")
-    parser.add_argument("--dropout", type=float, default=0.1,
+    parser.add_argument("--dropout", type=flags.fraction_below_1, default=0.1,
                         help="dropout before the classifier (and in the head)")
     parser.add_argument("--penalty-words", help="attnpool: JSON word list from analyze.py --tfidf")
-    parser.add_argument("--penalty", type=float, default=2.0,
+    parser.add_argument("--penalty", type=flags.nonnegative_float, default=2.0,
                         help="attnpool: score penalty of listed words")
 
 

@@ -14,7 +14,6 @@ The lessons build on these: bert.py (the encoder), loop.py (training), eda.py an
 training scripts, vote.py, analyze.py with explain.py, shapley.py and compare.py. Nothing here
 imports them (load_run finds a run's script by name), so the imports point one way.
 """
-import argparse
 import contextlib
 import csv
 import functools
@@ -28,6 +27,8 @@ import math
 import os
 import re
 import resource
+import shlex
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -83,32 +84,18 @@ def run_main(main):
         sys.exit(2)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the script's docstring as written and shows every default, so a learner need
-    not read code to learn that train_bert.py runs 3 epochs at lr 5e-5. Flags that default to
-    nothing (None) or to off (store_true) have no default worth showing."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
-def positive_int(text):
-    """argparse type: a whole number >= 1, so --batch-size 0 is one clear line, not a traceback."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
-
-
 # Progress of long loops. On a terminal a tqdm bar; in a log file (CI, nohup) a plain line every
 # PROGRESS_EVERY_S seconds, so a log never sits silent for minutes while the test set is scored.
 PROGRESS_EVERY_S = float(os.environ.get("AGNEWS_PROGRESS_EVERY_S", 30))
+PROGRESS_FIRST_S = min(10.0, PROGRESS_EVERY_S)  # the first line sooner: the run is alive
+
+
+def progress_bar(**tqdm_args):
+    """A tqdm bar sized to the terminal, or to 80 x 24 where the terminal reports no size (a
+    pseudo-terminal as `script`, a terminal logger, makes one): there tqdm takes -1 rows and
+    draws nothing at all, so a newcomer's log showed no bar."""
+    size = shutil.get_terminal_size()  # falls back to 80 x 24 where the size is 0
+    return tqdm(ncols=size.columns, nrows=size.lines, **tqdm_args)
 
 
 def progress(items, desc, unit="rows", sizes=None, enabled=True):
@@ -120,7 +107,7 @@ def progress(items, desc, unit="rows", sizes=None, enabled=True):
     if not enabled:
         yield from items
     elif sys.stderr.isatty():
-        with tqdm(total=total, desc=desc, unit=f" {unit}", leave=False) as bar:
+        with progress_bar(total=total, desc=desc, unit=f" {unit}", leave=False) as bar:
             for item, size in zip(items, sizes):
                 yield item
                 bar.update(size)
@@ -131,7 +118,8 @@ def progress(items, desc, unit="rows", sizes=None, enabled=True):
             yield item
             done += size
             now = time.perf_counter()
-            if now - last >= PROGRESS_EVERY_S and done < total:
+            wait = PROGRESS_FIRST_S if last == t0 else PROGRESS_EVERY_S
+            if now - last >= wait and done < total:
                 print(f"{desc}: {done:,}/{total:,} {unit} ({done / total:.0%}), "
                       f"{done / (now - t0):.1f} {unit}/s", flush=True)
                 last = now
@@ -143,17 +131,27 @@ os.umask(UMASK)
 
 @contextlib.contextmanager
 def no_empty_folders_left(folder):
-    """On an error inside the block, remove `folder` and those of its parents that did not exist
-    before it and are left empty: a run or download stopped by bad input leaves no empty folder."""
+    """On an error inside the block, take back what it made: `folder`, when this process claimed
+    it as a run folder (claim_run_dir) and nothing was trained in it yet (no resume point, no
+    metrics.json), whatever else it holds (a tokenizer.json, a penalty list), and those of its
+    parents that did not exist before and are left empty. A run stopped by bad input leaves no
+    folder behind to be mistaken for a run, and the corrected command gets the same folder."""
     folder = Path(folder)
     created = [d for d in (folder, *folder.parents) if not d.exists()]  # innermost first
     try:
         yield
     except BaseException:
         for made in created:
-            if made.is_dir() and not any(made.iterdir()):
+            if made == folder and made.is_dir() and claimed_and_untrained(made):
+                shutil.rmtree(made)
+            elif made.is_dir() and not any(made.iterdir()):
                 made.rmdir()
         raise
+
+
+def claimed_and_untrained(folder):
+    return (claim_owner(folder).get("pid") == os.getpid()
+            and not (folder / RESUME_FILE).exists() and not (folder / "metrics.json").exists())
 
 
 def atomic_write(path, write_fn):
@@ -315,12 +313,17 @@ def seed_everything(seed):
 class Split:
     texts: list   # title + " " + description, cleaned
     labels: np.ndarray  # (N,) int64 in 0..3
+    ids: np.ndarray = None  # (N,) each row's number in its CSV file, so runs can be joined on rows
+
+    def __post_init__(self):
+        if self.ids is None:
+            self.ids = np.arange(len(self.labels))
 
     def __len__(self):
         return len(self.labels)
 
     def subset(self, idx):
-        return Split([self.texts[i] for i in idx], self.labels[idx])
+        return Split([self.texts[i] for i in idx], self.labels[idx], self.ids[idx])
 
     def fingerprint(self):
         """Hash of texts and labels in order: two runs can vote only if they saw the same rows."""
@@ -468,7 +471,37 @@ def stratified_subset(split, size, seed):
     return split.subset(stratified_indices(split.labels, size, seed))
 
 
-def load_ag_news(data_dir=None, train_size=None, test_size=None, val_size=None):
+def nested_order(labels, seed):
+    """A fixed order of all rows in which every prefix keeps the class proportions: the rows of
+    class c, shuffled, take the places (k + 0.5) / n_c along [0, 1), and the order sorts by place.
+    The first m rows then hold m * n_c / N rows of class c, give or take one."""
+    rng = np.random.default_rng(seed)
+    place = np.empty(len(labels))
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        place[rows] = (np.arange(len(rows)) + 0.5) / len(rows)
+    return np.argsort(place, kind="stable")
+
+
+def nested_subset(split, size, seed):
+    """The first `size` rows of nested_order, in file order: stratified like stratified_subset,
+    and nested, so a smaller --val-size is part of a larger one and runs validated on different
+    sizes still share rows to fit a vote's weights on."""
+    if size is None or size >= len(split):
+        return split
+    if size < NUM_CLASSES:
+        raise UserError(f"a stratified sample needs at least {NUM_CLASSES} rows (one per class), "
+                        f"got {size}")
+    return split.subset(np.sort(nested_order(split.labels, seed)[:size]))
+
+
+# How --val-size picks its rows: "nested" since runs record it in metrics.json; "sklearn" (an
+# independent stratified sample per size) is how the runs before it were validated.
+VAL_SAMPLING = "nested"
+
+
+def load_ag_news(data_dir=None, train_size=None, test_size=None, val_size=None,
+                 val_sampling=VAL_SAMPLING):
     """train / val / test Splits. Test is the official test.csv; val is a fixed stratified 10% of
     train.csv, the same rows whatever --seed or --train-size, so every run's val_probs line up."""
     data_dir = find_data_dir(data_dir)
@@ -477,7 +510,11 @@ def load_ag_news(data_dir=None, train_size=None, test_size=None, val_size=None):
     train_idx, val_idx = train_test_split(np.arange(len(full_train)), test_size=VAL_FRACTION,
                                           stratify=full_train.labels, random_state=DATA_SEED)
     train = stratified_subset(full_train.subset(np.sort(train_idx)), train_size, DATA_SEED)
-    val = stratified_subset(full_train.subset(np.sort(val_idx)), val_size, DATA_SEED)
+    val_slice = full_train.subset(np.sort(val_idx))
+    if val_sampling == "nested":
+        val = nested_subset(val_slice, val_size, DATA_SEED)
+    else:
+        val = stratified_subset(val_slice, val_size, DATA_SEED)
     test = stratified_subset(test, test_size, DATA_SEED)
     return {"train": train, "val": val, "test": test}
 
@@ -510,6 +547,21 @@ def encode(tokenizer, texts, max_len):
             ids = ids[: max_len - 1] + ids[-1:]
         rows.append(np.array(ids, dtype=np.int64))
     return rows
+
+
+def note_long_texts(tokenizer, texts, max_len, names=None, reader="the model"):
+    """Print one note for each typed text longer than max_len tokens: encode cuts it without a
+    word, and a user who pasted a whole article should know the model saw only its start.
+    names: what to call each text (default text 1, text 2, ...)."""
+    from tokenizers import Tokenizer
+    if tokenizer.truncation is not None:  # train_lstm.py's word tokenizer cuts at max_len itself
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        tokenizer.no_truncation()
+    names = names or [f"text {i}" for i in range(1, len(texts) + 1)]
+    for name, enc in zip(names, tokenizer.encode_batch(list(texts))):
+        if len(enc.ids) > max_len:
+            print(f"note: {name} is {len(enc.ids)} tokens; {reader} reads the first {max_len} "
+                  f"({len(enc.ids) - max_len} dropped)")
 
 
 def pad_batch(rows, pad_id=PAD_ID, length=None):
@@ -600,7 +652,8 @@ def evaluate(probs, labels):
     preds = probs.argmax(1)
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
     return {"loss": loss, "accuracy": float(accuracy_score(labels, preds)),
-            "macro_f1": float(f1_score(labels, preds, average="macro"))}
+            # zero_division=0: a class never predicted (small runs) scores 0, without a warning
+            "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0))}
 
 
 def reset_peak_memory(device):
@@ -636,7 +689,7 @@ def print_report(labels, probs, title="official test set"):
     preds = probs.argmax(1)
     print(f"\n{title}: {len(labels)} rows")
     print(classification_report(labels, preds, labels=list(range(NUM_CLASSES)),
-                                target_names=CLASS_NAMES, digits=4))
+                                target_names=CLASS_NAMES, digits=4, zero_division=0))
 
 
 def count_parameters(model):
@@ -673,33 +726,57 @@ def default_run_dir(name, resume=False, root="runs"):
             return run_dir
 
 
-def prepare_run_dir(args, name):
+def prepare_run_dir(args, name, claim=True):
     """--out, else default_run_dir. A finished or half-finished run is never overwritten by
-    accident."""
+    accident, and of two runs started at once on one folder only one gets it (claim_run_dir).
+    claim=False: check nothing and create nothing (DDP's other ranks, after rank 0 claimed)."""
     run_dir = Path(args.out) if args.out else default_run_dir(name, args.resume)
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
+    if not claim:
+        return run_dir
+    if args.resume:
+        if is_finished(run_dir):
+            raise UserError(f"{run_dir} is finished: nothing to resume")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, "
                         f"or --out to choose another folder")
-    if args.resume and is_finished(run_dir):
-        raise UserError(f"{run_dir} is finished: nothing to resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir)
     return run_dir
+
+
+# Written first in a new run folder, exclusively: the folder's owner (pid, host, command, time).
+CLAIM_FILE = ".claim"
+
+
+def claim_run_dir(run_dir):
+    """Create run_dir/.claim with O_EXCL, which the file system grants to exactly one process: the
+    emptiness check before it is a check-then-act race (two runs started at the same moment both
+    see an empty folder), the exclusive create is not."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(run_dir / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~UMASK)
+    except FileExistsError:
+        owner = claim_owner(run_dir)
+        raise UserError(f"{run_dir} was taken by another run started at the same time "
+                        f"(pid {owner.get('pid', '?')}: {owner.get('command', '?')}); "
+                        f"pass --out to choose another folder") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": os.uname().nodename, "command": shlex.join(sys.argv),
+                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+
+
+def claim_owner(run_dir):
+    """What run_dir/.claim says of its owner; {} while its owner is still writing it."""
+    try:
+        return json.loads((Path(run_dir) / CLAIM_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def is_finished(run_dir):
     return (Path(run_dir) / "metrics.json").exists() and not (Path(run_dir) / RESUME_FILE).exists()
-
-
-def parse_seeds(text):
-    """argparse type of --seeds: '0,1,2' -> [0, 1, 2], distinct whole numbers."""
-    try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        seeds = []
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct whole numbers separated by commas, "
-                                         f"like 0,1,2, got {text!r}")
-    return seeds
 
 
 SEED_FOLDER = re.compile(r"seed(\d+)")  # runs/<experiment>/seed<k>/: one seed of an experiment
@@ -751,9 +828,14 @@ def load_scored_split(run_dir, name, data_dir=None):
     probabilities and these labels line up row by row."""
     run_dir = Path(run_dir)
     args = load_json(run_dir / "config.json").get("args", {})
+    metrics = load_json(run_dir / "metrics.json")
+    recorded = args.get("data_dir")  # where the run found its data (runs since it is recorded)
+    if not data_dir and not args.get("data") and recorded and Path(recorded).is_dir():
+        data_dir = recorded
     splits = load_ag_news(data_dir or args.get("data"), args.get("train_size"),
-                          args.get("test_size"), args.get("val_size"))
-    expected = load_json(run_dir / "metrics.json").get("fingerprints", {}).get(name)
+                          args.get("test_size"), args.get("val_size"),
+                          metrics.get("val_sampling", "sklearn"))
+    expected = metrics.get("fingerprints", {}).get(name)
     if expected is None:
         raise UserError(f"{run_dir}/metrics.json: no fingerprints.{name}, so its {name} rows "
                         f"cannot be checked")
@@ -777,28 +859,53 @@ def load_probs(run_dir, name, rows):
     return probs
 
 
-def scored_rows(run):
-    """(split, row count, fingerprint) of the val and test rows a finished run was scored on."""
+def scored_rows(run, splits=("val", "test")):
+    """(split, row count, fingerprint) of the rows a finished run was scored on."""
     metrics = load_json(Path(run) / "metrics.json")
     try:
         return tuple((split, metrics["rows"][split], metrics["fingerprints"][split])
-                     for split in ("val", "test"))
+                     for split in splits)
     except KeyError as err:
         raise UserError(f"{run}/metrics.json: no rows or fingerprints for {err}") from None
 
 
 def largest_group_on_same_rows(runs, what):
-    """Of `runs` (oldest first), the largest group scored on the same val and test rows, the newest
-    on a tie; the others are named. Probabilities of runs on other rows never meet row by row."""
+    """Of `runs` (oldest first), the largest group scored on the same test rows, the newest on a
+    tie; the others are named, with the flag that would bring them in. Their validation rows may
+    differ: a vote fits its weights on the validation rows its members share, and --compare reads
+    test rows only."""
     groups = {}
     for run in runs:  # oldest first, so a group's last run is its newest
-        groups.setdefault(scored_rows(run), []).append(run)
+        groups.setdefault(scored_rows(run, ("test",)), []).append(run)
     chosen = max(groups.values(), key=lambda group: (len(group), runs.index(group[-1])))
     left_out = [run for run in runs if run not in chosen]
     if left_out:
-        print(f"left out (scored on other rows than the {len(chosen)} runs {what}): "
-              f"{', '.join(str(r) for r in left_out)}")
+        [(_, rows, _)] = scored_rows(chosen[0], ("test",))
+        runs_word = "run" if len(chosen) == 1 else "runs"
+        counts = [scored_rows(run, ("test",))[0][1] for run in left_out]
+        others = ", ".join(f"{run} ({n:,} test rows{', other ones' if n == rows else ''})"
+                           for run, n in zip(left_out, counts))
+        print(f"left out (scored on other test rows than the {len(chosen)} {runs_word} {what}, "
+              f"which read {rows:,}; train them on the same data with the same --test-size to "
+              f"bring them in): {others}")
     return chosen
+
+
+# One experiment = one configuration; its seeds are runs whose config.json differs only in these
+# keys (where the run went, on which device, where its data lay, how often it logged or saved).
+NOT_THE_EXPERIMENT = {"seed", "seeds", "out", "resume", "device", "data", "data_dir", "log_every",
+                      "save_every"}
+
+
+def experiment_key(config):
+    """config.json without the seed and the flags that do not change what is trained."""
+    args = {k: v for k, v in config.get("args", {}).items() if k not in NOT_THE_EXPERIMENT}
+    rest = {k: v for k, v in config.items() if k not in ("args", "seed")}
+    return json.dumps({**rest, "args": args}, sort_keys=True, default=str)
+
+
+def run_seed(config):
+    return config.get("seed", config.get("args", {}).get("seed"))
 
 
 def find_runs(root="runs"):

@@ -15,7 +15,7 @@ Run as `python analyze.py --compare [RUN ...] [--baseline NAME]`; read after exp
 tests/test_compare.py checks the intervals and p-values on predictions whose answer is known.
 """
 import csv
-import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display: must be chosen before pyplot is imported
 import matplotlib.pyplot as plt
 import numpy as np
+from scipy.special import gammaln, logsumexp
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score
 
@@ -32,18 +33,10 @@ import common
 # --------------------------------------------------------------------------------------------------
 # Experiments: runs grouped by configuration, one run per seed
 # --------------------------------------------------------------------------------------------------
-# One experiment = one configuration; its seeds are runs whose config.json differs only in these
-# keys.
-NOT_THE_EXPERIMENT = {"seed", "seeds", "out", "resume", "device", "data", "log_every", "save_every"}
+# One experiment = one configuration; its seeds are runs whose config.json differs only in the seed
+# and bookkeeping (common.experiment_key).
 BOOTSTRAP_SAMPLES = 2000
 COMPARE_WIDTH = 10           # inches; the height grows with the number of experiments
-
-
-def experiment_key(config):
-    """config.json without the seed and the flags that do not change what is trained."""
-    args = {k: v for k, v in config.get("args", {}).items() if k not in NOT_THE_EXPERIMENT}
-    rest = {k: v for k, v in config.items() if k not in ("args", "seed")}
-    return json.dumps({**rest, "args": args}, sort_keys=True, default=str)
 
 
 @dataclass
@@ -80,7 +73,7 @@ def gather_experiments(paths):
     # Newest first: of two runs of one experiment with one seed, the newer counts.
     for run in reversed(runs):
         config = common.load_json(run / "config.json")
-        key, seed = experiment_key(config), config.get("seed", config.get("args", {}).get("seed"))
+        key, seed = common.experiment_key(config), common.run_seed(config)
         if (key, seed) in seen:
             print(f"left out: {run} (seed {seed} of the experiment of {seen[key, seed]}, "
                   f"which is newer)")
@@ -157,7 +150,8 @@ def paired_bootstrap(preds_a, preds_b, labels, samples=BOOTSTRAP_SAMPLES, seed=0
 
 def macro_f1(labels, preds):
     """Macro F1 over all four classes, also where a small test sample lacks one."""
-    return f1_score(labels, preds, average="macro", labels=range(common.NUM_CLASSES))
+    return f1_score(labels, preds, average="macro", labels=range(common.NUM_CLASSES),
+                    zero_division=0)  # a class never predicted scores 0, without a warning
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,6 +165,29 @@ def mcnemar_exact(right_a, right_b):
     if b + c == 0:
         return 1.0
     return float(binomtest(min(b, c), b + c, 0.5).pvalue)
+
+
+def mcnemar_log10_p(right_a, right_b):
+    """log10 of mcnemar_exact's p, its binomial tail 2 P(X <= min(b, c)) summed in logs: two models
+    a thousand rows apart have a p below the smallest float (about 1e-308), where mcnemar_exact
+    says 0.0."""
+    b = int(np.sum(right_a & ~right_b))
+    c = int(np.sum(~right_a & right_b))
+    n, k = b + c, np.arange(min(b, c) + 1)
+    log_terms = gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1) - n * np.log(2)
+    return min(0.0, float((np.log(2) + logsumexp(log_terms)) / np.log(10)))
+
+
+def p_text(p, log10_p):
+    """'0.031', '4.2e-12'; below 1e-300, where floats lose digits and then reach 0, the same
+    written from log10 p: '1.7e-602'."""
+    if p >= 1e-300:
+        return f"{p:.2g}"
+    exponent = math.floor(log10_p)
+    mantissa = round(10 ** (log10_p - exponent), 1)
+    if mantissa >= 10:  # 9.96 rounds up to the next power of ten
+        mantissa, exponent = 1.0, exponent + 1
+    return f"{mantissa:.2g}e{exponent}"
 
 
 def majority_right(preds, labels):
@@ -195,7 +212,8 @@ def summarise(experiment, labels):
     business, scitech = common.BUSINESS, common.SCITECH
     probs = experiment.probs(len(labels))
     preds = np.stack([p.argmax(1) for p in probs])                                # (R, N)
-    per_class = np.stack([f1_score(labels, p, average=None, labels=range(common.NUM_CLASSES))
+    per_class = np.stack([f1_score(labels, p, average=None, labels=range(common.NUM_CLASSES),
+                                   zero_division=0)
                           for p in preds])
     mixed = [int(np.sum((labels == business) & (p == scitech))
                  + np.sum((labels == scitech) & (p == business)))
@@ -243,8 +261,8 @@ def compare_experiments(experiments, labels, baseline_name=None, seed=0):
         row["seeds_paired"] = paired
         row["diff"] = paired_bootstrap(row["preds"], base["preds"], labels, seed=seed,
                                        paired_seeds=paired)
-        row["p"] = mcnemar_exact(majority_right(row["preds"], labels),
-                                 majority_right(base["preds"], labels))
+        right = majority_right(row["preds"], labels), majority_right(base["preds"], labels)
+        row["p"], row["log10_p"] = mcnemar_exact(*right), mcnemar_log10_p(*right)
     return rows
 
 
@@ -266,17 +284,23 @@ COMPARE_COLUMNS = ["experiment", "seeds", "test accuracy", "macro F1", "F1 Busin
                    "McNemar p"]
 
 
-def table_cells(row):
+def table_cells(row, for_csv=False):
+    """The row as text. One seed has no std: the table says "(1 seed)" in its place, and the csv
+    (for_csv) gives the mean alone, so that its cell stays a plain number."""
     def pm(pair, digits):
         mean, std = pair
-        return "-" if np.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+        if np.isnan(mean):
+            return "-"
+        if row["seeds"] == 1:
+            return f"{mean:.{digits}f}" + ("" if for_csv else " (1 seed)")
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
     return [row["experiment"], str(row["seeds"]), pm(row["accuracy"], 4), pm(row["macro_f1"], 4),
             pm(row["f1_business"], 4), pm(row["f1_scitech"], 4),
             pm(row["business_scitech_errors"], 1),
             pm(row["train_time_s"], 0), pm(row["samples_per_s"], 1),
             "-" if row["trainable"] is None else f"{row['trainable']:,}",
             pm(row["peak_memory_gb"], 2),
-            verdict(row), "-" if row["p"] is None else f"{row['p']:.2g}"]
+            verdict(row), "-" if row["p"] is None else p_text(row["p"], row["log10_p"])]
 
 
 def plot_compare(rows, path):
@@ -309,7 +333,8 @@ def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0):
     markdown = "\n".join(["| " + " | ".join(COMPARE_COLUMNS) + " |",
                           "|" + " --- |" * len(COMPARE_COLUMNS)]
                          + ["| " + " | ".join(c) + " |" for c in cells])
-    note = (f"Test set: {len(labels):,} rows. Mean ± std over seeds; peak memory is "
+    note = (f"Test set: {len(labels):,} rows. Mean ± std over seeds (one seed: its value "
+            f"alone, marked (1 seed)); peak memory is "
             f"{rows[0]['memory_kind']}. Differences in macro F1 against {rows[0]['experiment']}: "
             f"95% paired bootstrap over test rows and seeds ({BOOTSTRAP_SAMPLES} resamples; seed k "
             f"drawn with the baseline's seed k where both ran the same seeds); * = the interval "
@@ -324,7 +349,7 @@ def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0):
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(COMPARE_COLUMNS)
-            writer.writerows(cells)
+            writer.writerows(table_cells(row, for_csv=True) for row in rows)
     common.atomic_write(out_dir / "compare.csv", write_csv)
     print(f"wrote {out_dir / 'compare.md'}\nwrote {out_dir / 'compare.csv'}")
     plot_compare(rows, out_dir / "compare.png")

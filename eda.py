@@ -9,6 +9,7 @@ EDA is worth once the same number of optimizer steps is the control (little, for
 model). Read after loop.py and awp.py; next: train_lstm.py, where EDA helps a model trained from
 scratch.
 """
+import argparse
 import hashlib
 import json
 import random
@@ -25,6 +26,7 @@ from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 import bert
 import common
+import flags
 
 
 # --eda adds n copies of every training row, each made by ONE of four cheap edits, label kept (the
@@ -212,11 +214,11 @@ def add_eda_args(parser):
     parser.add_argument("--eda", action="store_true",
                         help="EDA: add augmented copies of every training row "
                              "(synonyms from --model's embeddings)")
-    parser.add_argument("--eda-n", type=common.positive_int, default=4,
+    parser.add_argument("--eda-n", type=flags.positive_int, default=4,
                         help="EDA: augmented copies per training row")
-    parser.add_argument("--eda-alpha", type=float, default=0.1,
+    parser.add_argument("--eda-alpha", type=flags.fraction_above_0, default=0.1,
                         help="EDA: share of a row's tokens each copy changes")
-    parser.add_argument("--eda-threshold", type=float, default=EDA_THRESHOLD,
+    parser.add_argument("--eda-threshold", type=flags.cosine_similarity, default=EDA_THRESHOLD,
                         help="EDA: cosine similarity a neighbour needs to count as a synonym")
 
 
@@ -227,11 +229,14 @@ def augment_train_split(args, splits, runtime=None):
     by seed, gets the very same rows. Without --eda, the splits as they are."""
     if not getattr(args, "eda", False):
         return splits
-    if not 0 < args.eda_alpha <= 1:
-        raise common.UserError(f"--eda-alpha must be in (0, 1], got {args.eda_alpha}")
-    if not -1 < args.eda_threshold < 1:
-        raise common.UserError(f"--eda-threshold is a cosine similarity, in (-1, 1); "
-                               f"got {args.eda_threshold}")
+    # The command line checked these already (add_eda_args); again, by the same types, for args
+    # made in code rather than parsed.
+    for flag, check, value in (("--eda-alpha", flags.fraction_above_0, args.eda_alpha),
+                               ("--eda-threshold", flags.cosine_similarity, args.eda_threshold)):
+        try:
+            check(repr(value))
+        except argparse.ArgumentTypeError as err:
+            raise common.UserError(f"{flag}: {err}") from None
     is_main = runtime is None or runtime.is_main
     model = getattr(args, "model", "minilm")
     synonyms = synonym_table(bert.resolve_model(model), args.eda_threshold, verbose=is_main)

@@ -48,6 +48,7 @@ import torch
 
 import bert
 import common
+import flags
 import train_lora
 
 ADAPTER_DIR = "adapter"
@@ -66,6 +67,14 @@ def check_exportable(run_dir, peft):
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise common.UserError(f"{run_dir}: no config.json (not a finished run folder)")
+    # As vote.py and analyze.py: a run without metrics.json, or with a resume point, stopped
+    # before its last epoch, and its weights are not the ones its scores describe.
+    if not (run_dir / "metrics.json").exists():
+        raise common.UserError(f"{run_dir}: no metrics.json, so not a finished run; only "
+                               f"finished runs export")
+    if not common.is_finished(run_dir):
+        raise common.UserError(f"{run_dir}: holds a resume point ({common.RESUME_FILE}), so the "
+                               f"run is unfinished: finish it with --resume, then export it")
     config = common.load_json(run_dir / "config.json")
     script = config.get("script")
     if script == "train_lstm":
@@ -220,9 +229,14 @@ def folder_written_atomically(out, force):
     out = Path(out)
     if out.exists() and not force:
         raise common.UserError(f"{out} already exists: pass --force to replace it")
+    check_target(out)
     with common.no_empty_folders_left(out.parent):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        except OSError as err:  # e.g. a folder we may not write in
+            raise common.UserError(f"{out}: cannot create it ({err.strerror}: "
+                                   f"{err.filename})") from None
         old = None
         try:
             yield tmp
@@ -242,6 +256,17 @@ def folder_written_atomically(out, force):
                     shutil.rmtree(leftover)
 
 
+def check_target(out):
+    """One line, before anything is made, where `out` cannot become a folder: a file on its path
+    (mkdir would stop with FileExistsError or NotADirectoryError)."""
+    for above in Path(out).parents:  # innermost first
+        if above.exists():  # False for a path that runs through a file
+            if not above.is_dir():
+                raise common.UserError(f"{out}: {above} is a file, so no folder can be made "
+                                       f"under it; choose another folder")
+            return
+
+
 def permissions_as_usual(folder):
     """mkdtemp makes an owner-only folder (0700); a folder made to be shared gets what mkdir and
     open would have given it: 0777 and 0666, less the umask."""
@@ -253,7 +278,7 @@ def permissions_as_usual(folder):
 # main
 # --------------------------------------------------------------------------------------------------
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     parser.add_argument("run", help="a finished run folder, e.g. runs/bert_pooler")
     parser.add_argument("out", help="the HuggingFace model folder to write")
     parser.add_argument("--peft", action="store_true",
@@ -269,7 +294,10 @@ def main(argv=None):
     if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
         raise common.UserError(f"{out}: that would replace the run folder {run_dir} itself; "
                                f"choose another folder")
-    if out.exists() and not args.force:  # before the slow part; checked again when writing
+    if out.resolve().is_relative_to(run_dir.resolve()) and out.exists():
+        raise common.UserError(f"{out}: part of the run folder {run_dir}; choose another folder")
+    check_target(out)  # before the slow part; checked again when writing
+    if out.exists() and not args.force:
         raise common.UserError(f"{out} already exists: pass --force to replace it")
 
     check_exportable(run_dir, args.peft)

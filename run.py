@@ -18,6 +18,7 @@ import torch
 import awp
 import common
 import eda
+import flags
 
 
 def add_common_args(parser, lr, epochs, batch_size=32):
@@ -25,33 +26,36 @@ def add_common_args(parser, lr, epochs, batch_size=32):
     parser.add_argument("--data",
                         help="AG News folder (train.csv, test.csv); default $AGNEWS_DIR or "
                              "data/ag_news")
-    parser.add_argument("--train-size", type=common.positive_int,
+    parser.add_argument("--train-size", type=flags.sample_size,
                         help="stratified subsample of the training rows")
-    parser.add_argument("--val-size", type=common.positive_int,
+    parser.add_argument("--val-size", type=flags.sample_size,
                         help="stratified subsample of the validation slice (smoke runs only)")
-    parser.add_argument("--test-size", type=common.positive_int,
+    parser.add_argument("--test-size", type=flags.sample_size,
                         help="stratified subsample of the official test set (smoke runs only)")
-    parser.add_argument("--max-len", type=common.positive_int, default=128,
+    parser.add_argument("--max-len", type=flags.sequence_length, default=128,
                         help="tokens per text at most, [CLS] and [SEP] included")
-    parser.add_argument("--epochs", type=common.positive_int, default=epochs,
+    parser.add_argument("--epochs", type=flags.positive_int, default=epochs,
                         help="passes over the training rows")
-    parser.add_argument("--batch-size", type=common.positive_int, default=batch_size,
+    parser.add_argument("--batch-size", type=flags.positive_int, default=batch_size,
                         help="rows per batch (per process under torchrun)")
-    parser.add_argument("--grad-accum", type=common.positive_int, default=1,
+    parser.add_argument("--grad-accum", type=flags.positive_int, default=1,
                         help="optimizer step every N batches")
-    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate of AdamW")
-    parser.add_argument("--weight-decay", type=float, default=0.01,
+    # lr 0 is allowed: the model stays as it starts, a control (tests/test_loop.py uses it)
+    parser.add_argument("--lr", type=flags.nonnegative_float, default=lr,
+                        help="peak learning rate of AdamW")
+    parser.add_argument("--weight-decay", type=flags.nonnegative_float, default=0.01,
                         help="AdamW weight decay, on matrices only")
-    parser.add_argument("--warmup", type=float, default=0.1,
+    parser.add_argument("--warmup", type=flags.fraction, default=0.1,
                         help="fraction of steps with linear warm-up")
-    parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm")
+    parser.add_argument("--clip", type=flags.positive_float, default=1.0,
+                        help="max gradient norm")
     parser.add_argument("--no-bucket", action="store_true",
                         help="shuffle without grouping rows by length")
     parser.add_argument("--pad-to-max", action="store_true",
                         help="pad every row to --max-len (for comparison)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=flags.seed_int, default=0,
                         help="seed of weights init, dropout and batch order")
-    parser.add_argument("--seeds", type=common.parse_seeds,
+    parser.add_argument("--seeds", type=flags.parse_seeds,
                         help="train once per seed, e.g. 0,1,2, into <out>/seed<k>/; with --out or "
                              "--resume a seed already finished there is kept, not trained again")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -68,10 +72,10 @@ def add_common_args(parser, lr, epochs, batch_size=32):
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in --out (default: the newest "
                              "runs/<name>[-k])")
-    parser.add_argument("--save-every", type=int, default=0,
+    parser.add_argument("--save-every", type=flags.nonnegative_int, default=0,
                         help="also write the resume point every N optimizer steps inside an epoch "
                              "(0: at epoch ends only)")
-    parser.add_argument("--log-every", type=common.positive_int, default=50,
+    parser.add_argument("--log-every", type=flags.positive_int, default=50,
                         help="read loss and accuracy off the device every N optimizer steps (bar, "
                              "log line, curve)")
     awp.add_awp_args(parser)
@@ -88,11 +92,14 @@ def start_run(args, name):
     args.precision = runtime.precision
     common.reset_peak_memory(runtime.device)
     common.seed_everything(args.seed)
-    run_dir = common.prepare_run_dir(args, name)
+    # Rank 0 checks and claims the folder; the others write nothing in it.
+    run_dir = common.prepare_run_dir(args, name, claim=runtime.is_main)
     if runtime.world_size > 1:
-        # every process has checked the folder before rank 0 writes in it
-        torch.distributed.barrier()
-    splits = common.load_ag_news(args.data, args.train_size, args.test_size, args.val_size)
+        torch.distributed.barrier()  # no rank goes on before rank 0 has claimed the folder
+    data_dir = common.find_data_dir(args.data)
+    # Recorded (config.json's args), so vote.py and analyze.py find the rows in any shell.
+    args.data_dir = str(data_dir.resolve())
+    splits = common.load_ag_news(data_dir, args.train_size, args.test_size, args.val_size)
     splits = eda.augment_train_split(args, splits, runtime)
     return runtime, run_dir, splits, t_start
 
@@ -141,7 +148,7 @@ def finish_run(model, data, splits, runtime, run_dir, config, history, weights_n
                "best_epoch": max(history, key=lambda h: h["val_macro_f1"])["epoch"],
                "train_time_s": train_time, "score_time_s": score_time, "wall_time_s": wall,
                "train_samples_per_s": sum(h["train_samples_per_s"] for h in history) / len(history),
-               "rows": {k: len(v) for k, v in splits.items()},
+               "rows": {k: len(v) for k, v in splits.items()}, "val_sampling": common.VAL_SAMPLING,
                "fingerprints": {k: v.fingerprint() for k, v in splits.items()},
                "parameters": dict(zip(("total", "trainable"), common.count_parameters(model))),
                "memory": common.peak_memory(runtime.device)}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import bert
 import common
+import flags
 import loop
 import run
 
@@ -28,7 +29,7 @@ def load_model(config, run_dir):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     bert.add_bert_args(parser)
     run.add_common_args(parser, lr=5e-5, epochs=3)
     return parser

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import bert
 import common
+import flags
 import loop
 import run
 
@@ -187,9 +188,9 @@ def load_model(config, run_dir):
 # main
 # --------------------------------------------------------------------------------------------------
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    parser.add_argument("--r", type=int, default=8, help="rank of the update B A")
-    parser.add_argument("--alpha", type=float,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
+    parser.add_argument("--r", type=flags.positive_int, default=8, help="rank of the update B A")
+    parser.add_argument("--alpha", type=flags.positive_float,
                         help="scale of the update, applied as alpha/r (default 2*r, so alpha/r = "
                              "2: the study's r 8 / alpha 16 and the usual rule of thumb; the "
                              "default --lr was tuned with it). Under Adam alpha acts like a "
@@ -198,7 +199,7 @@ def build_parser():
     parser.add_argument("--targets", default="query,value",
                         help=f"comma-separated layers to adapt, from {', '.join(TARGETS)} "
                              f"(out = attention output; query,value as in the LoRA paper)")
-    parser.add_argument("--lora-dropout", type=float, default=0.1,
+    parser.add_argument("--lora-dropout", type=flags.fraction_below_1, default=0.1,
                         help="dropout on the LoRA path only")
     parser.add_argument("--quick", action="store_true",
                         help="README demo: --train-size 2000 --val-size 1000 --epochs 1 on the "
@@ -215,8 +216,6 @@ def parse_args(argv=None):
     if args.quick:  # parse again so that the quick defaults give way to flags the user typed
         parser.set_defaults(train_size=2000, val_size=1000, epochs=1)
         args = parser.parse_args(argv)
-    if args.r < 1:
-        raise common.UserError(f"--r must be at least 1, got {args.r}")
     parse_targets(args.targets)  # a bad --targets stops here, before any run folder is made
     return args
 

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 import bert
 import common
 import eda
+import flags
 import loop
 import run
 
@@ -175,19 +176,20 @@ def load_model(config, run_dir):
 # main
 # --------------------------------------------------------------------------------------------------
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     parser.add_argument("--arch", default="bilstm_attn", choices=ARCHS,
                         help="lstm: last state; bilstm_attn: attention over a BiLSTM")
     parser.add_argument("--vocab", default="word", choices=["word", "wordpiece"],
                         help="see the vocabulary notes above")
-    parser.add_argument("--min-freq", type=int, default=2,
+    parser.add_argument("--min-freq", type=flags.positive_int, default=2,
                         help="word vocab: keep words seen this often")
     parser.add_argument("--model", default="minilm",
                         help="wordpiece vocab: whose vocabulary (minilm, bert-base-uncased, DIR)")
-    parser.add_argument("--embed-dim", type=int, default=200, help="size of a word vector")
-    parser.add_argument("--hidden-size", type=int, default=128,
+    parser.add_argument("--embed-dim", type=flags.positive_int, default=200,
+                        help="size of a word vector")
+    parser.add_argument("--hidden-size", type=flags.positive_int, default=128,
                         help="LSTM state size per direction")
-    parser.add_argument("--dropout", type=float, default=0.3,
+    parser.add_argument("--dropout", type=flags.fraction_below_1, default=0.3,
                         help="dropout on the word vectors and before the classifier")
     run.add_common_args(parser, lr=2e-3, epochs=5, batch_size=64)
     return parser
@@ -201,7 +203,8 @@ def train(args):
     """One run: build the vocabulary, train from scratch, score, save into args.out."""
     runtime, run_dir, splits, t_start = run.start_run(args, run_name(args))
     tokenizer_path = run_dir / "tokenizer.json"
-    if args.resume and tokenizer_path.exists():
+    reused = args.resume and tokenizer_path.exists()
+    if reused:
         # the vocabulary the saved embeddings belong to
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     else:
@@ -209,8 +212,6 @@ def train(args):
         # once per copy, and --min-freq would let in words seen once (synonyms absent there become
         # [UNK]).
         tokenizer = build_tokenizer(args, eda.original_rows(args, splits["train"]).texts)
-        if runtime.is_main:
-            common.atomic_write(tokenizer_path, lambda tmp: tokenizer.save(tmp))
     config = {"script": "train_lstm", "arch": args.arch, "vocab": args.vocab,
               "vocab_size": tokenizer.get_vocab_size(),
               "embed_dim": args.embed_dim, "hidden_size": args.hidden_size, "dropout": args.dropout,
@@ -224,6 +225,8 @@ def train(args):
               f"{trainable:,} trainable | train {len(splits['train'])}, val {len(splits['val'])}, "
               f"test {len(splits['test'])} rows | {runtime.device}, {runtime.precision}")
 
+    if runtime.is_main and not reused:
+        common.atomic_write(tokenizer_path, lambda tmp: tokenizer.save(tmp))
     history = loop.train(model, data, args, runtime, run_dir)
     run.finish_run(model, data, splits, runtime, run_dir, config, history, "model.safetensors",
                    trainable_only=False, t_start=t_start)
@@ -231,8 +234,6 @@ def train(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.min_freq < 1:
-        raise common.UserError(f"--min-freq must be at least 1, got {args.min_freq}")
     run.run_each_seed(args, run_name(args), train)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import flags
 
 COLUMN = 16  # least width of one model's column in the texts table: "Business 0.973*"
 
@@ -85,16 +86,15 @@ def display_names(runs):
     return names if len(set(names)) == len(names) else [str(run) for run in runs]
 
 
-def check_same_rows(runs):
-    """All members must have been scored on the same val and test rows, in the same order."""
-    seen = {run: common.scored_rows(run) for run in runs}
+def check_same_test_rows(runs):
+    """All members must have been scored on the same test rows, in the same order: their test
+    probabilities are averaged row by row. (Validation rows may differ; see load_saved.)"""
+    seen = {run: common.scored_rows(run, ("test",))[0] for run in runs}
     if len(set(seen.values())) > 1:
-        described = "; ".join(f"{run} (" + ", ".join(f"{split} {n} rows {fp}"
-                                                     for split, n, fp in rows) + ")"
-                              for run, rows in seen.items())
-        raise common.UserError(f"runs were scored on different rows, so their probabilities "
+        described = "; ".join(f"{run} ({n:,} test rows, {fp})" for run, (_, n, fp) in seen.items())
+        raise common.UserError(f"runs were scored on different test rows, so their probabilities "
                                f"cannot be averaged row by row: {described}. Train them with "
-                               f"the same data, --val-size and --test-size")
+                               f"the same --test-size (none: the whole official test set)")
 
 
 def is_vote(run):
@@ -146,6 +146,20 @@ def find_members(args):
     return {None: common.largest_group_on_same_rows(runs, "voting")}
 
 
+def note_copies(runs):
+    """Members that are one configuration trained with one seed are one model several times (the
+    main command typed twice): the vote is that model, weighed more. Say so."""
+    copies = {}
+    for run in runs:
+        config = common.load_json(run / "config.json")
+        copies.setdefault((common.experiment_key(config), common.run_seed(config)), []).append(run)
+    for same in copies.values():
+        if len(same) > 1:
+            print(f"note: {', '.join(map(str, same))} are copies of one configuration and seed "
+                  f"(seed {common.run_seed(common.load_json(same[0] / 'config.json'))}): one "
+                  f"model {len(same)} times, not {len(same)} models")
+
+
 def need_two(runs):
     """A vote of one run is that run: say so, and what to train next."""
     if len(runs) < 2:
@@ -157,21 +171,40 @@ def need_two(runs):
 
 
 def load_saved(runs, data_dir):
-    """The members' saved probabilities on val and test, and the labels of those rows (found with
-    the first run's data flags; check_same_rows has made sure every member saw the same rows)."""
-    check_same_rows(runs)
-    val, test = (common.load_scored_split(runs[0], name, data_dir) for name in ("val", "test"))
-    val_probs = [common.load_probs(run, "val", len(val)) for run in runs]
+    """The members' saved probabilities on val and test, and the labels of those rows. Test rows
+    are the same for all (check_same_test_rows). Validation rows may differ (--quick validates on
+    1,000 rows, train_lstm.py on the whole slice): the weights are fitted on the rows that every
+    member was scored on, matched by their row numbers in train.csv."""
+    check_same_test_rows(runs)
+    test = common.load_scored_split(runs[0], "test", data_dir)
     test_probs = [common.load_probs(run, "test", len(test)) for run in runs]
-    return val_probs, test_probs, val.labels, test.labels
+    vals = [common.load_scored_split(run, "val", data_dir) for run in runs]
+    shared = vals[0].ids
+    for val in vals[1:]:
+        shared = np.intersect1d(shared, val.ids)
+    if len(shared) == 0:
+        sizes = ", ".join(f"{run}: {len(val):,} rows" for run, val in zip(runs, vals))
+        raise common.UserError(f"the runs share no validation row to fit the weights on "
+                               f"({sizes}); pass --weights, or train them with the same "
+                               f"--val-size")
+    val_probs = []
+    for run, val in zip(runs, vals):
+        at = np.searchsorted(val.ids, shared)  # ids are in file order, so sorted
+        val_probs.append(common.load_probs(run, "val", len(val))[at])
+    val_rows = vals[0].subset(np.searchsorted(vals[0].ids, shared))
+    if any(len(val) != len(shared) for val in vals):
+        sizes = ", ".join(f"{len(val):,}" for val in vals)
+        print(f"validation: the weights are fitted on the {len(shared):,} rows all "
+              f"{len(runs)} members were scored on (theirs: {sizes})")
+    return val_probs, test_probs, val_rows, test
 
 
 def choose_weights(args, runs, saved=None):
     """--weights as given, else fitted on the validation split. Returns (weights, where from)."""
     if args.weights:
         return parse_weights(args.weights, len(runs)), "--weights"
-    val_probs, _, val_labels, _ = saved or load_saved(runs, args.data)
-    return fit_weights(val_probs, val_labels), "fitted on val"
+    val_probs, _, val_rows, _ = saved or load_saved(runs, args.data)
+    return fit_weights(val_probs, val_rows.labels), "fitted on val"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,7 +213,8 @@ def choose_weights(args, runs, saved=None):
 def vote_on_test(args, runs, out=None, seed=None):
     need_two(runs)
     saved = load_saved(runs, args.data)
-    val_probs, test_probs, val_labels, test_labels = saved
+    val_probs, test_probs, val_rows, test_rows = saved
+    val_labels, test_labels = val_rows.labels, test_rows.labels
     weights, how = choose_weights(args, runs, saved)
 
     equal = np.full(len(runs), 1.0 / len(runs))
@@ -203,32 +237,37 @@ def vote_on_test(args, runs, out=None, seed=None):
               f"{common.evaluate(val, val_labels)['loss']:8.4f}  "
               f"{scores['accuracy']:8.4f}  {scores['macro_f1']:13.4f}")
     if out:
-        save_vote_run(out, runs, weights, how, seed, ensemble_val, ensemble_test, val_labels,
-                      test_labels)
+        save_vote_run(out, runs, weights, how, seed, ensemble_val, ensemble_test, val_rows,
+                      test_rows)
 
 
-def save_vote_run(out, runs, weights, how, seed, val_probs, test_probs, val_labels, test_labels):
+def save_vote_run(out, runs, weights, how, seed, val_probs, test_probs, val_rows, test_rows):
     """The vote as a run-like folder: config.json (script "vote", its members, how the weights were
     chosen; per seed only the seed differs, so analyze.py --compare groups the seeds as one
-    experiment), val/test probabilities, and metrics.json with the members' rows and fingerprints
-    and their summed training time and parameters. vote.py itself never takes a vote for a
-    member."""
+    experiment), val/test probabilities, and metrics.json with the rows it was scored on (val: the
+    rows its members share) and their summed training time and parameters. vote.py itself never
+    takes a vote for a member."""
     out = Path(out)
     if ((out / "config.json").exists()
             and common.load_json(out / "config.json").get("script") != "vote"):
         raise common.UserError(f"--out {out}: holds a trained run, not a vote; "
                                f"choose another folder")
-    first = common.load_json(runs[0] / "config.json").get("args", {})
     members = [common.load_json(run / "metrics.json") for run in runs]
+    # The data flags of the member validated on the fewest rows: with nested --val-size those are
+    # the shared rows, so analyze.py reloads the vote's rows as it reloads a run's.
+    fewest = min(range(len(runs)), key=lambda k: members[k]["rows"]["val"])
+    member_args = common.load_json(runs[fewest] / "config.json").get("args", {})
     member_names = [str(run.parent if seed is not None else run) for run in runs]
     config = {"script": "vote", "members": member_names, "weights_from": how, "seed": seed,
               "hand_weights": weights.tolist() if how == "--weights" else None,
-              "args": {k: first.get(k) for k in ("data", "train_size", "val_size", "test_size")}}
-    metrics = {"test": common.evaluate(test_probs, test_labels),
-               "val": common.evaluate(val_probs, val_labels),
+              "args": {k: member_args.get(k)
+                       for k in ("data", "data_dir", "train_size", "val_size", "test_size")}}
+    metrics = {"test": common.evaluate(test_probs, test_rows.labels),
+               "val": common.evaluate(val_probs, val_rows.labels),
                "weights": dict(zip(map(str, runs), weights.tolist())),
-               "rows": {k: members[0]["rows"][k] for k in ("val", "test")},
-               "fingerprints": {k: members[0]["fingerprints"][k] for k in ("val", "test")},
+               "rows": {"val": len(val_rows), "test": len(test_rows)},
+               "fingerprints": {"val": val_rows.fingerprint(), "test": test_rows.fingerprint()},
+               "val_sampling": members[fewest].get("val_sampling", "sklearn"),
                "train_time_s": sum(m.get("train_time_s", 0.0) for m in members)}
     if all("parameters" in m for m in members):
         metrics["parameters"] = {k: sum(m["parameters"][k] for m in members)
@@ -273,6 +312,8 @@ def read_cases(path):
     labelled = header or path.suffix.lower() == ".csv"
     if header:
         numbered = numbered[1:]
+        if not numbered:
+            raise common.UserError(f"{path}: only the header label,text; no texts below it")
 
     cases = []
     for n, line in numbered:
@@ -300,6 +341,7 @@ def classify(runs, texts, runtime):
     for run in runs:
         model, tokenizer, config = common.load_run(run, runtime.device)
         ids = common.encode(tokenizer, texts, config["args"]["max_len"])
+        common.note_long_texts(tokenizer, texts, config["args"]["max_len"], reader=str(run))
         for i, row in enumerate(ids):
             if len(row) == 0:
                 raise common.UserError(f"text {i + 1} ({texts[i][:40]!r}) has no tokens in the "
@@ -355,7 +397,7 @@ def vote_on_texts(args, runs):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     parser.add_argument("--runs", nargs="+",
                         help="run folders (default: every finished run under --root)")
     parser.add_argument("--root", default="runs",
@@ -379,6 +421,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
 
     groups = find_members(args)
+    for runs in groups.values():
+        note_copies(runs)
     if args.text or args.file:
         seed, runs = next(iter(groups.items()))
         if seed is not None:

@@ -20,19 +20,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bert  # noqa: E402
 import common  # noqa: E402
+import flags  # noqa: E402
 import loop  # noqa: E402
 import train_bert  # noqa: E402
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     parser.add_argument("--data", help="AG News folder (default $AGNEWS_DIR or data/ag_news)")
-    parser.add_argument("--rows", type=common.positive_int, default=256, help="training rows")
-    parser.add_argument("--batch-size", type=common.positive_int, default=32)
-    parser.add_argument("--max-len", type=common.positive_int, default=64)
-    parser.add_argument("--bert-layers", type=common.positive_int, default=2,
+    parser.add_argument("--rows", type=flags.positive_int, default=256, help="training rows")
+    parser.add_argument("--batch-size", type=flags.positive_int, default=32)
+    parser.add_argument("--max-len", type=flags.positive_int, default=64)
+    parser.add_argument("--bert-layers", type=flags.positive_int, default=2,
                         help="MiniLM cut to its first layers (6 = whole)")
-    parser.add_argument("--repeats", type=common.positive_int, default=2,
+    parser.add_argument("--repeats", type=flags.positive_int, default=2,
                         help="epochs timed per setting, alternating plain and AWP; the fastest "
                              "counts")
     parser.add_argument("--seed", type=int, default=0)

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bert  # noqa: E402
 import common  # noqa: E402
+import flags  # noqa: E402
 from bench.models import GEOMETRIES, model_folder  # noqa: E402
 
 # The study's run, for the projection: bert-base on every AG News training row, 3 epochs.
@@ -125,16 +126,16 @@ def parse_args(argv=None):
                              "(speed does not depend on them)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--data", help="AG News folder (default $AGNEWS_DIR or data/ag_news)")
-    parser.add_argument("--rows", type=common.positive_int, default=512,
+    parser.add_argument("--rows", type=flags.positive_int, default=512,
                         help="real AG News training rows (default 512); a timed pass is one "
                              "epoch of them")
-    parser.add_argument("--batch-size", type=common.positive_int, default=32)
-    parser.add_argument("--max-len", type=common.positive_int, default=128,
+    parser.add_argument("--batch-size", type=flags.positive_int, default=32)
+    parser.add_argument("--max-len", type=flags.positive_int, default=128,
                         help="rows are cut to this; rung 0 pads to it")
     parser.add_argument("--steps", type=int, default=0,
                         help="timed batches per setting and round: the first steps x batch-size "
                              "rows (default 0: all of --rows)")
-    parser.add_argument("--rounds", type=common.positive_int, default=3,
+    parser.add_argument("--rounds", type=flags.positive_int, default=3,
                         help="timed rounds; the median is reported")
     parser.add_argument("--max-seconds", type=float, default=0,
                         help="start no further round that would end later than this many seconds "

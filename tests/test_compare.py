@@ -1,9 +1,11 @@
 """compare.py (analyze.py --compare): seeds pooled into experiments, paired bootstrap intervals and
 exact McNemar p-values checked on predictions whose answer is known, and the table written as md,
 csv and png (on copies of a tiny trained run: needs AG News rows)."""
+import csv
 import json
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -107,7 +109,9 @@ def test_compare_groups_seeds_marks_differences_and_writes_files(tiny_lstm_run, 
 
     analyze.main(["--compare", str(root), "--baseline", "steady", "--out", str(tmp_path / "cmp")])
     out = capsys.readouterr().out
-    assert f"left out (scored on other rows than the 7 runs compared): {other}" in out
+    assert ("left out (scored on other test rows than the 7 runs compared, which read 200; train "
+            "them on the same data with the same --test-size to bring them in): "
+            f"{other} (200 test rows, other ones)") in out
     rows = {r[0]: r for r in (line.split(",") for line
                               in (tmp_path / "cmp" / "compare.csv").read_text().splitlines())}
     assert set(rows) == {"experiment", "steady", "broken", "single"}
@@ -133,8 +137,8 @@ def test_experiment_key_ignores_only_the_seed_and_bookkeeping():
     same["args"].update(seed=1, out="b", device="cuda", resume=True)
     other = json.loads(json.dumps(config))
     other["args"]["lr"] = 1e-4
-    assert compare.experiment_key(config) == compare.experiment_key(same)
-    assert compare.experiment_key(config) != compare.experiment_key(other)
+    assert common.experiment_key(config) == common.experiment_key(same)
+    assert common.experiment_key(config) != common.experiment_key(other)
 
 
 @needs_rows
@@ -168,3 +172,89 @@ def test_paired_seeds_take_out_the_noise_the_seeds_share():
     assert 0 < low <= high
     _, low, high = compare.paired_bootstrap(b, a, labels, samples=500, paired_seeds=False)
     assert low < 0 < high
+
+
+# -- how the table reads: one seed, tiny p-values, singular and plural -----------------------------
+def synthetic_experiment(root, name, seeds, preds):
+    """An experiment of run folders holding only what the table reads: test_probs.npy (one-hot of
+    preds) and an empty metrics.json."""
+    runs = []
+    for seed in seeds:
+        run = root / name / f"seed{seed}"
+        common.save_npy(run / "test_probs.npy",
+                        np.eye(common.NUM_CLASSES, dtype=np.float32)[preds])
+        common.save_json(run / "metrics.json", {})
+        runs.append(run)
+    return compare.Experiment(name, runs, {}, list(seeds))
+
+
+def test_one_seed_says_so_and_a_p_below_floats_is_still_written(tmp_path):
+    """A one-seed experiment has no std: "(1 seed)" in the table, the mean alone in the csv (not
+    "± 0.0000"). 2000 rows right against 2000 wrong: McNemar's p is 2 / 2^2000 = 1.7e-602, below
+    the smallest float, where the table used to say 0."""
+    labels = np.arange(2000) % common.NUM_CLASSES
+    worse = synthetic_experiment(tmp_path, "worse", [0, 1, 2], (labels + 1) % common.NUM_CLASSES)
+    better = synthetic_experiment(tmp_path, "better", [0], labels)
+    base, row = compare.compare_experiments([worse, better], labels, "worse")
+    cells = dict(zip(compare.COMPARE_COLUMNS, compare.table_cells(row)))
+    assert cells["test accuracy"] == cells["macro F1"] == "1.0000 (1 seed)"
+    assert not any("±" in cell for cell in cells.values())
+    assert row["p"] == 0.0 and cells["McNemar p"] == "1.7e-602"
+    csv_cells = dict(zip(compare.COMPARE_COLUMNS, compare.table_cells(row, for_csv=True)))
+    assert csv_cells["test accuracy"] == "1.0000" and float(csv_cells["F1 Business"]) == 1.0
+    assert compare.table_cells(base)[2] == "0.0000 ± 0.0000"  # three seeds that agree: a std of 0
+    # Where floats still hold it, the p is written as before.
+    assert compare.p_text(0.0123, np.log10(0.0123)) == "0.012"
+    right = np.arange(100) < 60
+    assert compare.mcnemar_log10_p(right, ~right) == pytest.approx(
+        np.log10(compare.mcnemar_exact(right, ~right)), abs=1e-9)
+
+
+def test_left_out_runs_are_counted_in_the_singular_and_the_plural(tmp_path, capsys):
+    def run(name, fingerprint):
+        folder = tmp_path / name
+        common.save_json(folder / "metrics.json",
+                         {"rows": {"val": 4, "test": 4},
+                          "fingerprints": {"val": "v", "test": fingerprint}})
+        return folder
+    common.largest_group_on_same_rows([run("a", "x"), run("b", "y")], "compared")
+    out = capsys.readouterr().out
+    assert "than the 1 run compared" in out and str(tmp_path / "a") in out
+    common.largest_group_on_same_rows([run("c", "x"), run("d", "y"), run("e", "y")], "compared")
+    assert "than the 2 runs compared" in capsys.readouterr().out
+
+
+def test_small_runs_raise_no_undefined_metric_warning(capsys):
+    """A class never predicted (common in a quick run): precision and F1 of it are 0, quietly; no
+    UndefinedMetricWarning on stderr."""
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    preds = np.array([0, 1, 1, 1, 0, 1, 0, 1])   # Business and Sci/Tech never predicted
+    probs = np.eye(common.NUM_CLASSES)[preds] * 0.9 + 0.025
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = common.evaluate(probs, labels)
+        common.print_report(labels, probs)
+        f1 = compare.macro_f1(labels, preds)
+    assert scores["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro",
+                                                        zero_division=0))
+    assert f1 == pytest.approx(scores["macro_f1"])
+    assert "Business" in capsys.readouterr().out
+
+
+@needs_rows
+def test_a_one_seed_experiment_reads_1_seed_in_the_table_and_a_number_in_the_csv(
+        tiny_lstm_run, tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        fake_seed(tiny_lstm_run, root / "steady" / f"seed{seed}", seed, flip=2)
+    fake_seed(tiny_lstm_run, root / "single", 0, flip=3, lr=0.25)
+    analyze.main(["--compare", str(root), "--baseline", "steady", "--out", str(tmp_path / "cmp")])
+    printed = capsys.readouterr().out
+    single_line = next(line for line in printed.splitlines() if line.startswith("| single |"))
+    assert "(1 seed)" in single_line and "±" not in single_line
+    assert single_line in (tmp_path / "cmp" / "compare.md").read_text()
+    with open(tmp_path / "cmp" / "compare.csv", newline="") as f:
+        rows = {r[0]: dict(zip(compare.COMPARE_COLUMNS, r)) for r in csv.reader(f)}
+    assert float(rows["single"]["test accuracy"]) == pytest.approx(
+        float(single_line.split(" | ")[2].split()[0]))
+    assert "±" in rows["steady"]["test accuracy"]

@@ -182,3 +182,39 @@ def test_a_download_that_fails_its_checksum_leaves_nothing_behind(tmp_path, monk
         common.find_data_dir()
     # no empty data/ag_news/ left for the next run to stumble on
     assert not (tmp_path / "data").exists()
+
+
+def test_nested_samples_are_prefixes_and_keep_the_class_proportions():
+    """--val-size draws the first rows of one fixed stratified order: a smaller sample is part of
+    a larger one (runs validated on 1,000 rows and on all share those 1,000), and every sample
+    holds each class in proportion, give or take one row."""
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32))
+    labels = rng.choice(common.NUM_CLASSES, size=2687, p=[0.1, 0.2, 0.3, 0.4])
+    split = common.Split([f"t{i}" for i in range(len(labels))], labels)
+    previous = set()
+    for size in (4, 50, 333, 1000, 2000, 2687):
+        sample = common.nested_subset(split, size, seed=42)
+        assert len(sample) == size and list(sample.ids) == sorted(sample.ids)
+        assert previous <= set(sample.ids)
+        previous = set(sample.ids)
+        for c in range(common.NUM_CLASSES):
+            expected = size * np.mean(labels == c)
+            assert abs(np.sum(sample.labels == c) - expected) <= 1, (size, c)
+    assert common.nested_subset(split, None, seed=42) is split
+
+
+@pytest.mark.skipif(AGNEWS_DIR is None, reason=NO_ROWS or "")
+def test_runs_before_nested_sampling_reload_their_own_validation_rows(tmp_path):
+    """A run's metrics.json says how its --val-size rows were drawn; one written before "nested"
+    (no val_sampling) reloads the independent stratified sample it was scored on."""
+    old = common.load_ag_news(AGNEWS_DIR, val_size=500, val_sampling="sklearn")["val"]
+    new = common.load_ag_news(AGNEWS_DIR, val_size=500)["val"]
+    assert old.fingerprint() != new.fingerprint()
+    for name, metrics in (("old", {}), ("new", {"val_sampling": "nested"})):
+        run = tmp_path / name
+        run.mkdir()
+        common.save_json(run / "config.json", {"args": {"data": str(AGNEWS_DIR), "val_size": 500}})
+        split = old if name == "old" else new
+        common.save_json(run / "metrics.json", {**metrics,
+                                                "fingerprints": {"val": split.fingerprint()}})
+        assert common.load_scored_split(run, "val").fingerprint() == split.fingerprint()

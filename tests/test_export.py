@@ -253,3 +253,41 @@ def test_an_existing_folder_is_replaced_only_with_force_and_whole(pooler_run, tm
     umask = os.umask(0)
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's owner-only 0700
+
+
+def tree(folder):
+    """Every path under folder, so a test can tell that a refusal made nothing."""
+    return sorted(p.relative_to(folder) for p in Path(folder).rglob("*"))
+
+
+@pytest.mark.parametrize("target", ["a_file/hf", "a_file/deeper/hf", "RUN/config.json/hf"])
+def test_a_target_under_a_file_stops_with_one_line(pooler_run, tmp_path, target):
+    """mkdir under a file raises FileExistsError or NotADirectoryError: one line instead, naming
+    the file, and neither the temp folder nor a parent folder left behind."""
+    run_dir = pooler_run[0]
+    (tmp_path / "a_file").write_text("not a folder")
+    out = (tmp_path / target if not target.startswith("RUN/")
+           else run_dir / target.removeprefix("RUN/"))
+    before = tree(tmp_path), tree(run_dir)
+    result = run_export(run_dir, out)
+    assert result.returncode == 2
+    assert (result.stderr.count("\n") == 1 and "is a file" in result.stderr
+            and "Traceback" not in result.stderr), result.stderr
+    assert (str(tmp_path / "a_file") if target.startswith("a_file")
+            else str(run_dir / "config.json")) in result.stderr
+    assert (tree(tmp_path), tree(run_dir)) == before
+
+
+@pytest.mark.parametrize("unfinished", ["metrics.json deleted", "resume point left"])
+def test_an_unfinished_run_is_refused_with_one_line(pooler_run, tmp_path, unfinished):
+    """Only finished runs export, as vote.py and analyze.py use only finished runs."""
+    skip = ("metrics.json",) if unfinished == "metrics.json deleted" else ()
+    run_dir = copy_run(pooler_run[0], tmp_path / "run", skip=skip)
+    if unfinished == "resume point left":
+        (run_dir / common.RESUME_FILE).write_bytes(b"")
+    before = tree(tmp_path)
+    result = run_export(run_dir, tmp_path / "hf")
+    assert result.returncode == 2
+    assert (result.stderr.count("\n") == 1 and str(run_dir) in result.stderr
+            and ("no metrics.json" if skip else common.RESUME_FILE) in result.stderr), result.stderr
+    assert tree(tmp_path) == before

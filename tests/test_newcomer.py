@@ -139,6 +139,7 @@ def test_help_names_the_penalty_list_where_analyze_writes_it():
 
 
 def test_progress_prints_lines_in_a_log_and_nothing_when_disabled(capsys, monkeypatch):
+    monkeypatch.setattr(common, "PROGRESS_FIRST_S", 0.0)
     monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.0)
     assert list(common.progress(range(3), "counting", unit="rows", sizes=[10, 10, 5])) == [0, 1, 2]
     lines = capsys.readouterr().out.splitlines()
@@ -159,3 +160,86 @@ def test_each_run_counts_its_own_peak_memory():
     common.reset_peak_memory(cpu)
     low = common.peak_memory(cpu)["cpu_max_rss_gb"]
     assert low < high - 0.2, (low, high)
+
+
+@needs_rows
+def test_readme_order_votes_and_compares_both_runs(tmp_path):
+    """README's first commands in order, at small size: the quick LoRA (validated on 1,000 rows),
+    then a BiLSTM at its default settings (the whole validation slice), then a bare `vote.py` and
+    `analyze.py --compare`: both runs take part in both. The vote fits its weights on the 1,000
+    validation rows the two share. Then, in a shell without AGNEWS_DIR, `vote.py --text` finds the
+    rows where the runs recorded them."""
+    small = ["--train-size", "48", "--test-size", "300", "--max-len", "32", "--device", "cpu"]
+    env = {**os.environ, "AGNEWS_DIR": str(AGNEWS_DIR)}
+
+    def command(*args, environment=env):
+        done = subprocess.run([sys.executable, *args], cwd=tmp_path, env=environment,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    command(str(ROOT / "train_lora.py"), "--r", "8", "--quick", *small)
+    command(str(ROOT / "train_lstm.py"), "--arch", "bilstm_attn", "--epochs", "1", *small)
+    voted = command(str(ROOT / "vote.py"))
+    assert "left out" not in voted
+    assert ("validation: the weights are fitted on the 1,000 rows all 2 members were scored on "
+            "(theirs: 1,000, 2,687)") in voted
+    assert "lora_r8_pooler" in voted and "bilstm_attn" in voted
+    compared = command(str(ROOT / "analyze.py"), "--compare", "--out", "cmp")
+    assert "left out" not in compared
+    rows = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()
+    assert sorted(row.split(",")[0] for row in rows[1:]) == ["bilstm_attn", "lora_r8_pooler"]
+
+    no_data = {k: v for k, v in env.items() if k != "AGNEWS_DIR"}
+    typed = command(str(ROOT / "vote.py"), "--text", "Nadal wins in Paris", environment=no_data)
+    assert "weights (fitted on val)" in typed
+
+
+def test_a_bar_shows_in_a_terminal_that_reports_no_size():
+    """`script` (a terminal logger) gives the program a pseudo-terminal of size 0 x 0; tqdm took
+    -1 rows for it and drew nothing, so training sat silent for minutes. The bar now assumes
+    80 x 24 there."""
+    import pty
+    code = ("import sys, time; sys.path.insert(0, {root!r}); import common\n"
+            "for _ in common.progress(range(4), 'scoring'):\n"
+            "    time.sleep(0.05)\n").format(root=str(ROOT))
+    pid, fd = pty.fork()
+    if pid == 0:  # the child, on the pseudo-terminal
+        os.execv(sys.executable, [sys.executable, "-c", code])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:  # the child has exited and closed its side
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert b"scoring:  50%|" in out and b"2/4" in out
+
+
+def test_a_log_file_hears_from_training_before_the_first_loss_is_read(monkeypatch, capsys,
+                                                                      tmp_path):
+    """In a log file the loss is read every --log-every (50) steps; a line by the clock comes
+    between (PROGRESS_FIRST_S after the epoch starts, 10 s, then every PROGRESS_EVERY_S), from
+    what the host knows. Here both are 0: a line after every step, the 3rd with the loss read."""
+    import bert
+    import loop
+    from conftest import made_up_rows
+    monkeypatch.setattr(common, "PROGRESS_FIRST_S", 0.0)
+    monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.0)
+    torch.manual_seed(0)
+    model = bert.BertClassifier(bert.BertModel(bert.BertConfig(
+        vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64)), head="fc")
+    data = {"train": made_up_rows(48, seed=0), "val": made_up_rows(8, seed=1)}
+    parser = run.add_common_args(argparse.ArgumentParser(), lr=1e-3, epochs=1)
+    args = parser.parse_args(["--batch-size", "16", "--log-every", "3", "--device", "cpu"])
+    loop.train(model, data, args, common.Runtime(torch.device("cpu"), precision="fp32"), tmp_path)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1 ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1 step 1/3", "epoch 1 step 2/3",
+                                                      "epoch 1 step 3/3"]
+    assert lines[0].endswith("samples/s (loss every --log-every steps)")
+    assert "loss" in lines[2] and "acc" in lines[2]

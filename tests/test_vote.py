@@ -171,17 +171,60 @@ def test_a_run_voting_with_itself_scores_as_itself(tiny_lstm_run, tmp_path, caps
 
 
 @pytest.mark.parametrize("change", ["fingerprint", "rows"])
-def test_runs_scored_on_other_rows_are_refused(tiny_lstm_run, tmp_path, change):
+def test_runs_scored_on_other_test_rows_are_refused(tiny_lstm_run, tmp_path, change):
     other = copy_run(tiny_lstm_run, tmp_path / "other")
     metrics = json.loads((other / "metrics.json").read_text())
     if change == "fingerprint":
         metrics["fingerprints"]["test"] = "0" * 16
     else:
-        metrics["rows"]["val"] = 199
+        metrics["rows"]["test"] = 199
     common.save_json(other / "metrics.json", metrics)
-    with pytest.raises(common.UserError, match="scored on different rows") as err:
+    with pytest.raises(common.UserError, match="scored on different test rows") as err:
         vote.main(["--runs", str(tiny_lstm_run), str(other)])
     assert str(tiny_lstm_run) in str(err.value) and str(other) in str(err.value)
+    assert "the same --test-size" in str(err.value)
+
+
+def validated_on_fewer_rows(run, dest, rows):
+    """A copy of `run` as if trained with --val-size `rows`: with nested samples its validation
+    rows are the first `rows` of the same stratified order, a part of the run's own."""
+    copy_run(run, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["args"]["val_size"] = rows
+    common.save_json(dest / "config.json", config)
+    full = common.load_scored_split(run, "val")
+    args = config["args"]
+    part = common.load_ag_news(AGNEWS_DIR, args["train_size"], args["test_size"], rows)["val"]
+    metrics = json.loads((dest / "metrics.json").read_text())
+    metrics["rows"]["val"] = len(part)
+    metrics["fingerprints"]["val"] = part.fingerprint()
+    common.save_json(dest / "metrics.json", metrics)
+    probs = np.load(run / "val_probs.npy")[np.searchsorted(full.ids, part.ids)]
+    common.save_npy(dest / "val_probs.npy", probs)
+    return dest, full, part
+
+
+@needs_rows
+def test_members_validated_on_nested_sizes_vote_on_the_rows_they_share(tiny_lstm_run, tmp_path,
+                                                                       capsys):
+    """One member validated on 200 rows, the other on 100 of them: the weights are fitted on the
+    100 both were scored on (and the table says so), exactly as fit_weights on those rows."""
+    fewer, full, part = validated_on_fewer_rows(tiny_lstm_run, tmp_path / "fewer", 100)
+    assert set(part.ids) < set(full.ids)
+    runs = [tiny_lstm_run, fewer]
+    val_probs, _, val_rows, _ = vote.load_saved(runs, None)
+    assert "fitted on the 100 rows all 2 members were scored on (theirs: 200, 100)" in (
+        capsys.readouterr().out)
+    assert list(val_rows.ids) == list(part.ids)
+    at = np.searchsorted(full.ids, part.ids)
+    expected = np.load(tiny_lstm_run / "val_probs.npy")[at]
+    np.testing.assert_array_equal(val_probs[0], expected)
+    np.testing.assert_array_equal(val_rows.labels, full.labels[at])
+    vote.main(["--runs", *map(str, runs), "--out", str(tmp_path / "vote")])
+    saved = common.load_json(tmp_path / "vote" / "metrics.json")
+    assert saved["rows"]["val"] == 100
+    # The vote's own rows reload as a run's do (analyze.py reads them so).
+    assert common.load_scored_split(tmp_path / "vote", "val").fingerprint() == part.fingerprint()
 
 
 def test_bare_vote_takes_the_largest_group_scored_on_the_same_rows(tiny_lstm_run, tmp_path, capsys):
@@ -189,11 +232,13 @@ def test_bare_vote_takes_the_largest_group_scored_on_the_same_rows(tiny_lstm_run
     same = [copy_run(tiny_lstm_run, root / name) for name in ("a", "b")]
     quick = copy_run(tiny_lstm_run, root / "quick")
     metrics = json.loads((quick / "metrics.json").read_text())
-    metrics["fingerprints"]["val"] = "f" * 16
+    metrics["fingerprints"]["test"] = "f" * 16
+    metrics["rows"]["test"] = 100
     common.save_json(quick / "metrics.json", metrics)
     assert sorted(vote.find_members(argparse.Namespace(runs=None, root=str(root)))[None]) == same
-    assert (f"left out (scored on other rows than the 2 runs voting): {quick}"
-            in capsys.readouterr().out)
+    assert ("left out (scored on other test rows than the 2 runs voting, which read 200; train "
+            "them on the same data with the same --test-size to bring them in): "
+            f"{quick} (100 test rows)" in capsys.readouterr().out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,3 +338,43 @@ def test_seed_k_votes_with_seed_k_into_a_run_like_folder(tiny_lstm_run, tmp_path
         vote.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"),
                    "--out", str(tmp_path / "a")])
     assert common.load_json(tmp_path / "a" / "seed0" / "config.json")["script"] == "train_lstm"
+
+
+def test_a_text_longer_than_max_len_gets_a_note_of_what_is_dropped(tiny_lstm_run, capsys):
+    """The tiny run reads 48 words: a 60-word text is cut without a word unless vote.py says so.
+    The note's count is the truth: the long text scores as its first 48 words do."""
+    max_len = common.load_json(tiny_lstm_run / "config.json")["args"]["max_len"]
+    words = (TEXTS[1].replace(";", "") + " ") * 6
+    long_text = " ".join(words.split()[: max_len + 12])
+    runtime = common.Runtime(torch.device("cpu"))
+    [probs] = vote.classify([tiny_lstm_run], [TEXTS[0], long_text], runtime)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: text 2 is {max_len + 12} tokens; {tiny_lstm_run} reads the first "
+                     f"{max_len} (12 dropped)"]
+    [cut] = vote.classify([tiny_lstm_run], [" ".join(long_text.split()[:max_len])], runtime)
+    np.testing.assert_allclose(probs[1], cut[0], atol=1e-6)
+    assert not [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("note:")]
+
+
+def test_a_labelled_file_with_only_its_header_is_one_line(tmp_path):
+    path = tmp_path / "cases.csv"
+    path.write_text("label,text\n\n")
+    with pytest.raises(common.UserError,
+                       match="cases.csv: only the header label,text; no texts below it"):
+        vote.read_cases(path)
+
+
+@needs_rows
+def test_copies_of_one_configuration_and_seed_are_named(tiny_lstm_run, tmp_path, capsys):
+    """The main command typed twice makes two folders of one model: the vote says so. Another
+    seed of the same configuration is another model, and is not named."""
+    twin = copy_run(tiny_lstm_run, tmp_path / "twin")
+    other_seed = copy_run(tiny_lstm_run, tmp_path / "seed1")
+    config = json.loads((other_seed / "config.json").read_text())
+    config["args"]["seed"] = 1
+    common.save_json(other_seed / "config.json", config)
+    vote.main(["--runs", str(tiny_lstm_run), str(twin), str(other_seed)])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {tiny_lstm_run}, {twin} are copies of one configuration and seed "
+                     f"(seed 0): one model 2 times, not 2 models"]
