@@ -111,3 +111,8 @@ def parse_seeds(text):
         raise argparse.ArgumentTypeError(f"expected distinct whole numbers in [0, {SEED_MAX}] "
                                          f"separated by commas, like 0,1,2, got {text!r}")
     return seeds
+
+
+def port_number(text):
+    """argparse type of --port: 0 (any free port) to 65535."""
+    return checked_number(text, int, lambda v: 0 <= v <= 65535, "a whole number in [0, 65535]")

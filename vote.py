@@ -335,19 +335,27 @@ def read_cases(path):
     return cases
 
 
-def classify(runs, texts, runtime):
+def load_members(runs, device):
+    """Each run's (run, model, tokenizer, max_len), loaded once (serve.py keeps them loaded)."""
+    members = []
+    for run in runs:
+        model, tokenizer, config = common.load_run(run, device)
+        members.append((run, model, tokenizer, config["args"]["max_len"]))
+    return members
+
+
+def classify(members, texts, runtime):
     """Each member's probabilities (N, 4) for the texts, through the member's own tokenizer."""
     probs = []
-    for run in runs:
-        model, tokenizer, config = common.load_run(run, runtime.device)
-        ids = common.encode(tokenizer, texts, config["args"]["max_len"])
-        common.note_long_texts(tokenizer, texts, config["args"]["max_len"], reader=str(run))
+    for run, model, tokenizer, max_len in members:
+        ids = common.encode(tokenizer, texts, max_len)
+        common.note_long_texts(tokenizer, texts, max_len, reader=str(run))
         for i, row in enumerate(ids):
             if len(row) == 0:
                 raise common.UserError(f"text {i + 1} ({texts[i][:40]!r}) has no tokens in the "
                                        f"vocabulary of {run}")
         probs.append(common.predict(model, common.Encoded(ids, np.zeros(len(ids), dtype=np.int64)),
-                                    runtime))
+                                    runtime, desc="classifying"))
     return probs
 
 
@@ -371,7 +379,7 @@ def vote_on_texts(args, runs):
     if len(runs) == 1:
         print(f"one run ({runs[0]}): its verdicts alone; a vote needs two or more")
     runtime = common.setup_runtime(args.device)
-    member_probs = classify(runs, texts, runtime)
+    member_probs = classify(load_members(runs, runtime.device), texts, runtime)
     ensemble = ensemble_probs(member_probs, weights)
 
     names = display_names(runs) + ["ensemble"]

@@ -13,7 +13,7 @@ import loop
 import train_lstm
 from conftest import AGNEWS_DIR, TINY_LSTM_ARGS, needs_rows, single_thread
 
-SCRIPTS = ["train_bert", "train_lora", "train_lstm", "vote", "analyze", "export"]
+SCRIPTS = ["train_bert", "train_lora", "train_lstm", "vote", "analyze", "export", "serve"]
 POSITIONALS = {"export": ["RUN", "OUT"]}  # what a parser needs besides the flag under test
 
 # Each numeric type: values it must refuse (just outside its range, or not a number) and values at
@@ -32,6 +32,7 @@ REFUSED = {
     flags.cosine_similarity: ["1", "-1"],
     flags.parse_seeds: ["-1", "0,-1", str(flags.SEED_MAX + 1), "1,1"],
     analyze.shap_samples: ["0", "3"],
+    flags.port_number: ["-1", "65536"],
 }
 ACCEPTED = {
     flags.positive_int: ["1"],
@@ -47,6 +48,7 @@ ACCEPTED = {
     flags.cosine_similarity: ["-0.999", "0.999"],
     flags.parse_seeds: [f"0,{flags.SEED_MAX}"],
     analyze.shap_samples: ["2"],
+    flags.port_number: ["0", "65535"],
 }
 
 
@@ -72,7 +74,7 @@ def test_every_numeric_flag_refuses_values_out_of_its_range_in_one_line(capsys):
             flag = action.option_strings[0]
             assert action.type not in (int, float), (
                 f"{script} {flag}: a bare {action.type.__name__} takes any value; give it one of "
-                f"common's range-checked types")
+                f"flags.py's range-checked types")
             assert action.type in REFUSED, (
                 f"{script} {flag}: type {action.type.__name__} is not known to this test; add the "
                 f"values it refuses and accepts to REFUSED and ACCEPTED")

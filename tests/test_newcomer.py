@@ -17,7 +17,7 @@ import train_lora
 from conftest import AGNEWS_DIR, needs_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train_bert", "train_lora", "train_lstm", "vote", "analyze", "export"]
+SCRIPTS = ["train_bert", "train_lora", "train_lstm", "vote", "analyze", "export", "serve"]
 
 
 @needs_rows

@@ -259,7 +259,8 @@ def test_texts_table_is_stable_and_adds_up(tiny_lstm_run, tmp_path):
     assert outputs[0].returncode == 0, outputs[0].stderr
     assert outputs[0].stdout == outputs[1].stdout
 
-    [probs] = vote.classify([tiny_lstm_run], TEXTS, common.Runtime(torch.device("cpu")))
+    members = vote.load_members([tiny_lstm_run], "cpu")
+    [probs] = vote.classify(members, TEXTS, common.Runtime(torch.device("cpu")))
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     cell = r"(World|Sports|Business|Sci/Tech) (\d\.\d{3})"
     lines = [line for line in outputs[0].stdout.splitlines() if re.match(r"\s+\d+\s", line)]
@@ -281,7 +282,8 @@ def test_labelled_file_counts_hits(tiny_lstm_run, tmp_path, capsys):
     vote.main(["--runs", str(tiny_lstm_run), "--file", str(cases), "--weights", "1",
                "--device", "cpu"])
     out = capsys.readouterr().out
-    [probs] = vote.classify([tiny_lstm_run], TEXTS, common.Runtime(torch.device("cpu")))
+    members = vote.load_members([tiny_lstm_run], "cpu")
+    [probs] = vote.classify(members, TEXTS, common.Runtime(torch.device("cpu")))
     hits = int((probs.argmax(1) == np.array([1, 2, 3])).sum())
     assert re.search(rf"^hits\s+{hits}/3\s+{hits}/3$", out, re.MULTILINE), out
 
@@ -347,11 +349,12 @@ def test_a_text_longer_than_max_len_gets_a_note_of_what_is_dropped(tiny_lstm_run
     words = (TEXTS[1].replace(";", "") + " ") * 6
     long_text = " ".join(words.split()[: max_len + 12])
     runtime = common.Runtime(torch.device("cpu"))
-    [probs] = vote.classify([tiny_lstm_run], [TEXTS[0], long_text], runtime)
+    members = vote.load_members([tiny_lstm_run], "cpu")
+    [probs] = vote.classify(members, [TEXTS[0], long_text], runtime)
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert notes == [f"note: text 2 is {max_len + 12} tokens; {tiny_lstm_run} reads the first "
                      f"{max_len} (12 dropped)"]
-    [cut] = vote.classify([tiny_lstm_run], [" ".join(long_text.split()[:max_len])], runtime)
+    [cut] = vote.classify(members, [" ".join(long_text.split()[:max_len])], runtime)
     np.testing.assert_allclose(probs[1], cut[0], atol=1e-6)
     assert not [line for line in capsys.readouterr().out.splitlines()
                 if line.startswith("note:")]
