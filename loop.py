@@ -95,15 +95,15 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
                 running = RunningLoss(device)
             use_awp = perturber is not None and epoch + 1 >= args.awp_start
             step_model.train()
-            # disable=None: a bar on a terminal; in a log file none, but a line every --log-every
-            # steps.
+            # disable=None: a bar on a terminal; in a log file none, but lines: the loss every
+            # --log-every steps, and by the clock between them (say_where).
             bar = common.progress_bar(total=len(batches), initial=at.batch,
                                       desc=f"epoch {epoch + 1}/{args.epochs}",
                                       disable=None if runtime.is_main else True, leave=False)
             t0 = time.perf_counter() - at.train_time_s
             next_line = time.perf_counter() + common.PROGRESS_FIRST_S
+            pad_to = args.max_len if args.pad_to_max else 0
             for i in range(at.batch, len(batches)):
-                pad_to = args.max_len if args.pad_to_max else 0
                 input_ids, mask, labels = batch_tensors(train_split, batches[i], pad_to, device)
                 group = min(args.grad_accum, len(batches) - i + i % args.grad_accum)  # last: short
                 loss, logits = forward_loss(step_model, input_ids, mask, labels, runtime)
