@@ -165,11 +165,14 @@ def batch_tensors(split, rows, pad_to, device):
 
 def make_optimizer(model, lr, weight_decay):
     """AdamW over trainable parameters. Weight decay on matrices only: decaying biases and LayerNorm
-    gains pulls them towards 0, which only hurts."""
+    gains pulls them towards 0, which only hurts. Fused: one kernel updates every parameter, where
+    the default runs ~10 small ops over each tensor (bench/step_breakdown.py on this project's
+    2-core EPYC: the optimizer's share of a MiniLM step 20% -> 8%)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, fused=next(model.parameters()).is_cuda)
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")  # where torch has the kernel
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
 def warmup_linear_decay(optimizer, total_steps, warmup_fraction):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import bert
+import common
 from bench.speed_ablation import TRICKS, training_flops
 from conftest import AGNEWS_DIR, needs_rows
 
@@ -101,3 +102,19 @@ def test_speed_ablation_cpu_smoke():
     ratios = re.search(r"^\| ours / transformers \| ([\d.]+)x \| ([\d.]+)x \|", out, re.MULTILINE)
     assert ratios and all(float(r) > 0 for r in ratios.groups()), out
     assert "each at its default precision" in out and "projected:" in out
+
+
+def test_step_breakdown_groups_ops_and_puts_every_optimizer_op_in_one_group():
+    """The breakdown's groups: a matmul's gradient is matmul, dropout's mask is dropout, and every
+    op AdamW and clipping run (whatever small ops they are made of) counts as the optimizer's."""
+    from bench.step_breakdown import OPTIMIZER, group_of, make_step, profile
+    assert group_of("aten::mm") == group_of("MmBackward0") == "matmul"
+    assert group_of("aten::bernoulli_") == "dropout masks"
+    model = bert.BertClassifier(bert.BertModel(tiny_config()), head="pooler").train()
+    batches = [(torch.randint(1, 300, (4, 9)), torch.ones(4, 9, dtype=torch.bool),
+                torch.randint(0, 4, (4,))) for _ in range(3)]
+    runtime = common.Runtime(torch.device("cpu"), precision="fp32")
+    for fused in (False, True):
+        shares, seconds = profile(make_step(model, runtime, fused), batches, steps=1)
+        assert shares[OPTIMIZER] > 0 and seconds > 0
+        assert not any("adam" in group.lower() for group in shares if group != OPTIMIZER)
