@@ -211,15 +211,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
-    parser.add_argument("--runs", nargs="+",
-                        help="run folders (default: the finished runs under --root that vote.py "
-                             "would take)")
-    parser.add_argument("--root", default="runs",
-                        help="where to look for runs when --runs is not given")
-    parser.add_argument("--weights", help="the vote's weights by hand, one per run, e.g. 0.6,0.4 "
-                                          "(default: fitted on validation, as vote.py does)")
-    parser.add_argument("--data", help="AG News folder for fitting the weights (default: the one "
-                                       "the first run used)")
+    vote.add_member_args(parser)  # the runs and weights, chosen as vote.py chooses them
     parser.add_argument("--file", help="a labelled cases file (as vote.py --file reads) to list on "
                                        "the page with every verdict, the errors first")
     parser.add_argument("--host", default="127.0.0.1",

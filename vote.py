@@ -153,11 +153,10 @@ def note_copies(runs):
     for run in runs:
         config = common.load_json(run / "config.json")
         copies.setdefault((common.experiment_key(config), common.run_seed(config)), []).append(run)
-    for same in copies.values():
+    for (_, seed), same in copies.items():
         if len(same) > 1:
             print(f"note: {', '.join(map(str, same))} are copies of one configuration and seed "
-                  f"(seed {common.run_seed(common.load_json(same[0] / 'config.json'))}): one "
-                  f"model {len(same)} times, not {len(same)} models")
+                  f"(seed {seed}): one model {len(same)} times, not {len(same)} models")
 
 
 def need_two(runs):
@@ -404,16 +403,22 @@ def vote_on_texts(args, runs):
         print("* = differs from the given label")
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
+def add_member_args(parser):
+    """The flags that choose a vote's members and weights (find_members, choose_weights); serve.py
+    takes the same."""
     parser.add_argument("--runs", nargs="+",
                         help="run folders (default: every finished run under --root)")
     parser.add_argument("--root", default="runs",
                         help="where to look for runs when --runs is not given")
     parser.add_argument("--weights", help="weights by hand, one per run in order, e.g. 0.6,0.4 "
-                                          "(normalised to sum 1)")
+                                          "(normalised to sum 1; default: fitted on validation)")
     parser.add_argument("--data", help="AG News folder for the labels (default: the one the first "
                                        "run used)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
+    add_member_args(parser)
     parser.add_argument("--text", action="append", help="classify this text (repeatable)")
     parser.add_argument("--file", help="classify the texts in this file: one a line; or, in a "
                                        ".csv file or under a label,text header, label,text rows "

@@ -4,7 +4,6 @@ Chromium where one is installed, typing a headline shows every run's verdict and
 import http.client
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -129,17 +128,12 @@ def test_the_page_is_served_and_names_only_its_own_api(server):
 
 
 def browser():
-    """Headless Chromium through Selenium, or a skip saying what is missing."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip("no chromium/chromedriver: apt-get install chromium chromium-driver")
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    options.binary_location = chromium
-    return webdriver.Chrome(options=options, service=Service(driver))
+    """Headless Chromium as web/screenshot.py starts it, or a skip saying what is missing."""
+    from web.screenshot import headless_chromium
+    try:
+        return headless_chromium()
+    except RuntimeError as err:
+        pytest.skip(str(err))
 
 
 def test_a_headline_typed_in_a_real_browser_shows_every_verdict_and_its_words(server):

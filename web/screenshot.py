@@ -7,6 +7,7 @@ Chromium, its words and a second text asked for, and the page saved as a PNG.
 Needs selenium (requirements-dev.txt) and Debian's chromium and chromium-driver.
 """
 import argparse
+import shutil
 import sys
 import threading
 from http.server import ThreadingHTTPServer
@@ -20,24 +21,37 @@ TEXT_A = "Oracle shares rise as quarterly profit beats forecasts on strong softw
 TEXT_B = "Oracle unveils new database software that runs faster on cheaper servers"
 
 
+def headless_chromium(*flags):
+    """Debian's chromium through Selenium, headless; RuntimeError saying what is missing where it
+    cannot start (tests/test_serve.py skips on it)."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        raise RuntimeError("pip install selenium") from None
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        raise RuntimeError("no chromium/chromedriver: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 *flags):
+        options.add_argument(flag)
+    options.binary_location = chromium
+    return webdriver.Chrome(options=options, service=Service(driver))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True)
     parser.add_argument("--out", default="figures/page.png")
     args = parser.parse_args()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
 
     serve.Handler.lab = serve.Lab([Path(run) for run in args.runs], "cpu")
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), serve.Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,1250"):
-        options.add_argument(flag)
-    options.binary_location = "/usr/bin/chromium"
-    page = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    page = headless_chromium("--window-size=1000,1250")
     try:
         page.get(f"http://127.0.0.1:{httpd.server_address[1]}/")
         wait = WebDriverWait(page, 120)
