@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import dropout as cheap_dropout
 import flags
 
 
@@ -60,7 +61,7 @@ class BertEmbeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.segment = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = cheap_dropout.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids):
         T = input_ids.shape[1]
@@ -72,12 +73,15 @@ class BertEmbeddings(nn.Module):
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention. query/key/value/out are separate nn.Linear layers, so LoRA can
-    wrap any of them by name. The softmax(QK^T/sqrt(d))V itself is torch's fused SDPA."""
+    wrap any of them by name. The softmax(QK^T/sqrt(d))V itself is torch's fused SDPA, or the same
+    maths written out in plain ops where those are faster: in training on a CPU."""
 
-    # False: the same attention written out in plain torch ops (scores, mask, softmax, dropout,
-    # @ V), as the study's implementation computed it. Only bench/speed_ablation.py turns it off,
-    # to show what the fused kernel saves; the results are equal (tests/test_bench.py).
-    sdpa = True
+    # "auto": SDPA, except in training on a CPU. There SDPA with dropout falls back to the plain
+    # ops anyway and draws its mask with bernoulli_, where dropout.py's mask costs a fifth; and
+    # without dropout its CPU kernel's bf16 backward measured 4x slower than the plain ops at ~58
+    # tokens (dropout.py has the figures). "sdpa" / "written": always one of them, for
+    # bench/speed_ablation.py and the tests (the results are equal, tests/test_bench.py).
+    impl = "auto"
 
     def __init__(self, cfg):
         super().__init__()
@@ -88,20 +92,24 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(D, D)
         self.out = nn.Linear(D, D)
         self.attn_dropout = cfg.attention_probs_dropout_prob
+        self.cheap_masks = True  # dropout.py's masks on a CPU (False: torch's, for the ablation)
 
     def forward(self, x, attn_mask):
         B, T, D = x.shape
         # (B, T, D) -> (B, n_head, T, head_dim)
         q, k, v = (proj(x).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
-        if self.sdpa:
-            dropout = self.attn_dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        written = self.impl == "written" or (
+            self.impl == "auto" and self.training and x.device.type == "cpu")
+        if not written:
+            p = self.attn_dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         else:  # every intermediate is a (B, n_head, T, T) tensor written to memory and read back
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])   # (B, n_head, T, T)
             if attn_mask is not None:  # no query attends to padding
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
-            probs = F.dropout(scores.softmax(-1), self.attn_dropout, self.training)
+            probs = cheap_dropout.dropout(scores.softmax(-1), self.attn_dropout, self.training,
+                                          self.cheap_masks)
             y = probs @ v                                               # (B, n_head, T, head_dim)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
@@ -117,7 +125,7 @@ class BertLayer(nn.Module):
         self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = cheap_dropout.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, x, attn_mask):
         x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask)))
@@ -316,7 +324,8 @@ class MLPResHead(nn.Module):
     def __init__(self, hidden_size, dropout=0.1, **_):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.GELU(),
-                                 nn.Dropout(dropout), nn.Linear(2 * hidden_size, hidden_size))
+                                 cheap_dropout.Dropout(dropout),
+                                 nn.Linear(2 * hidden_size, hidden_size))
         self.norm = nn.LayerNorm(hidden_size)
         self.out_dim = hidden_size
 
@@ -380,7 +389,7 @@ class BertClassifier(nn.Module):
             out_dim = self.head.out_dim
             # The pooler is unused by this head: no gradient, no optimizer state.
             self.bert.pooler.requires_grad_(False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = cheap_dropout.Dropout(dropout)
         self.classifier = nn.Linear(out_dim, common.NUM_CLASSES)
 
     def features(self, input_ids, attention_mask):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import bert
 import common
+import dropout as cheap_dropout
 import flags
 import loop
 import run
@@ -71,7 +72,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         # Dropout on the LoRA path only: the frozen path already has BERT's own dropout after it.
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = cheap_dropout.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     def forward(self, x):  # x (..., in) -> (..., out)

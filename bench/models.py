@@ -24,3 +24,14 @@ def model_folder(model, shape, tmp):
     transformers.utils.logging.disable_progress_bar()
     transformers.BertModel(transformers.BertConfig(**shape)).save_pretrained(tmp)
     return Path(tmp)
+
+
+def set_attention(model, impl="auto", cheap_masks=True):
+    """How every attention layer of `model` computes (bert.SelfAttention.impl: "auto", "sdpa" or
+    "written") and whether its dropouts draw dropout.py's cheap masks or torch's, so that a bench
+    can hold the settings side by side."""
+    for module in model.modules():
+        if isinstance(module, bert.SelfAttention):
+            module.impl = impl
+        if hasattr(module, "cheap_masks"):
+            module.cheap_masks = cheap_masks

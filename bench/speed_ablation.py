@@ -19,11 +19,15 @@ the same real AG News rows, with the same batch size, from the same weights:
   5  + no per-step sync    loss and accuracy summed on the device, read once at the end: the host
                            can queue the next step while the GPU still works (nothing to gain on a
                            CPU, where every op finishes before the next starts)
-  6  + torch.compile       the model compiled: elementwise ops fused into fewer kernels,
+  6  + cheap dropout masks dropout.py: on a CPU, masks from 16 random bits an element instead of
+                           bernoulli_'s float, and attention written out in training so that its
+                           probabilities get them too (SDPA on a CPU draws its own); on a GPU
+                           nothing changes (torch's masks are drawn inside the kernels there)
+  7  + torch.compile       the model compiled: elementwise ops fused into fewer kernels,
                            fewer launches
 
 and, in the same run, the peer: transformers' BertForSequenceClassification with its defaults (its
-own attention implementation, fp32), fed the same bucketed batches as rungs 1-6, in the loop of rung
+own attention implementation, fp32), fed the same bucketed batches as rungs 1-7, in the loop of rung
 5 (fused AdamW, no per-step sync), once in fp32 and once under bf16 autocast, beside our model in
 the same loop at the same precision.
 
@@ -38,7 +42,7 @@ allocator, compilation), then the settings are timed one after another, in alter
 --rounds rounds, and each setting's median samples/s is reported: a noisy neighbour slows every
 setting alike. A timed pass includes what a training step does: padding the batch on the host, the
 copy to the device, forward, loss, backward, gradient clipping, AdamW, and the host reading loss and
-accuracy. All ten settings stay in memory together: ten models with gradients and AdamW state,
+accuracy. All eleven settings stay in memory together: eleven models with gradients and AdamW state,
 ~3.5 GB in all for MiniLM (a CPU run peaked at 5.3 GB RSS with torch.compile), ~18 GB for bert-base.
 On a GPU, the table also shows model FLOPs utilisation (the model's training FLOPs per second over
 the card's bf16 dense peak) and, from the fastest rung, the projected time of the study's run.
@@ -61,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bert  # noqa: E402
 import common  # noqa: E402
 import flags  # noqa: E402
-from bench.models import GEOMETRIES, model_folder  # noqa: E402
+from bench.models import GEOMETRIES, model_folder, set_attention  # noqa: E402
 
 # The study's run, for the projection: bert-base on every AG News training row, 3 epochs.
 STUDY_ROWS, STUDY_EPOCHS, STUDY_TIME = common.AGNEWS_TRAIN_ROWS, 3, "14 min 34 s on an RTX 3060 Ti"
@@ -84,7 +88,9 @@ class Setting:
     bucket: bool = False       # pad to the longest row in a bucketed batch (else every row to
                                # max_len)
     amp: bool = False          # bf16 autocast
-    sdpa: bool = False         # fused attention kernel (else the written-out softmax path)
+    attention: str = "written"  # bert.SelfAttention.impl: "written" (plain ops), "sdpa" (the
+                                # fused kernel) or "auto" (SDPA but in training on a CPU)
+    cheap_masks: bool = False   # dropout.py's masks on a CPU (else torch's bernoulli_)
     fused_adamw: bool = False  # one AdamW kernel (else foreach=False: one parameter tensor at a
                                # time)
     sync: bool = True          # .item() of loss and accuracy every step
@@ -95,8 +101,10 @@ class Setting:
 # Each rung adds one trick to the rung before it.
 TRICKS = [("the study's setting", {}), ("+ length bucketing", {"bucket": True}),
           ("+ AMP (bf16)", {"amp": True}),
-          ("+ SDPA attention", {"sdpa": True}), ("+ fused AdamW", {"fused_adamw": True}),
-          ("+ no per-step sync", {"sync": False}), ("+ torch.compile", {"compile": True})]
+          ("+ SDPA attention", {"attention": "sdpa"}), ("+ fused AdamW", {"fused_adamw": True}),
+          ("+ no per-step sync", {"sync": False}),
+          ("+ cheap dropout masks", {"attention": "auto", "cheap_masks": True}),
+          ("+ torch.compile", {"compile": True})]
 
 
 def ladder():
@@ -108,8 +116,9 @@ def ladder():
 
 
 def peer_settings(rungs):
-    """The loop of rung 5 (everything but compile) around transformers' model in fp32 and bf16, and
-    around ours in fp32 (in bf16, ours in that loop is rung 5 itself)."""
+    """The loop of rung 5 (bucketing, fused AdamW, no per-step sync; torch's dropout masks, no
+    compile) around transformers' model in fp32 and bf16, and around ours in fp32 (in bf16, ours in
+    that loop is rung 5 itself)."""
     rung5 = rungs[5]
     return {"ours fp32": replace(rung5, name="ours, fp32", amp=False),
             "theirs fp32": replace(rung5, name="transformers, fp32", amp=False, peer=True),
@@ -142,7 +151,7 @@ def parse_args(argv=None):
                              "after the start (default 0: no limit); at least one round is always "
                              "timed")
     parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend of rung 6")
+                        help="torch.compile backend of rung 7")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="a tiny random 2-layer BERT on a few rows, one round, on the CPU: "
@@ -208,9 +217,7 @@ class Trainee:
                                                     attention_mask=mask.long()).logits
         else:
             model = copy.deepcopy(ours)  # the same weights for every rung
-            for module in model.modules():
-                if isinstance(module, bert.SelfAttention):
-                    module.sdpa = setting.sdpa
+            set_attention(model, setting.attention, setting.cheap_masks)
             forward = model
         self.model = model.to(device).train()
         if setting.compile:
@@ -388,7 +395,7 @@ def print_results(args, cfg, rates, settings, plans, lengths, device, our_defaul
         bucket = settings[key].bucket
         return pass_flops(cfg, plans[bucket], lengths) * rates[key] / rows[bucket] / peak
 
-    rungs = [key for key in rates if key.isdigit()]  # rung 6 is missing if torch.compile failed
+    rungs = [key for key in rates if key.isdigit()]  # rung 7 is missing if torch.compile failed
     print("\n| rung | setting | samples/s | x previous | x first |" + (" MFU |" if peak else ""))
     print("| --- | --- | ---: | ---: | ---: |" + (" ---: |" if peak else ""))
     for i, key in enumerate(rungs):

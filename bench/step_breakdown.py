@@ -1,8 +1,10 @@
 """Where a training step goes on this machine: a profile of N steps of the default setting (MiniLM,
 pooler head, batches of 32 real AG News rows padded to the longest in the batch, bf16 autocast where
 the CPU has bf16, dropout 0.1, AdamW), grouped into matmul, attention, dropout masks, optimizer
-(and clipping), casts, norms and activations, and the rest; once with AdamW as the project ran it on
-the CPU until now (foreach) and once fused. Also: the CPU model and whether it has AMX, and the
+(and clipping), casts, norms and activations, and the rest. One bar per setting, each adding one
+change to the one before: the step as the project took it before issue 20 (SDPA with torch's
+dropout masks, foreach AdamW), AdamW fused, attention written out on the CPU (still torch's masks),
+dropout.py's cheap masks (today's default). Also: the CPU model and whether it has AMX, and the
 matmul work of a step as a fraction of a bf16 matmul peak measured here on the model's own shapes.
 
     python bench/step_breakdown.py                       # 6 profiled steps, table + PNG
@@ -29,7 +31,9 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bert  # noqa: E402
 import common  # noqa: E402
+import dropout as cheap_dropout  # noqa: E402
 import flags  # noqa: E402
+from bench.models import set_attention  # noqa: E402
 from bench.speed_ablation import training_flops  # noqa: E402
 
 # Op name (a regular expression, first match wins) -> group. Backward ops carry their forward's
@@ -45,6 +49,15 @@ GROUPS = [
     ("norms, activations", r"layer_norm|gelu|softmax|tanh|GeluBackward|LayerNorm"),
 ]
 OTHER = "the rest"
+# Named ranges (torch.profiler.record_function) whose every op counts as one group: the optimizer
+# step here, and the forward ops of dropout.py's masks (their backward, a masked_fill and a scale,
+# counts as the rest; torch's own dropout has a backward op of its own name, counted as dropout).
+RANGES = {"optimizer": OPTIMIZER, cheap_dropout.PROFILE_NAME: "dropout masks"}
+# (name, fused AdamW, bert.SelfAttention.impl, dropout.py's cheap masks): each adds one change.
+SETTINGS = [("before: SDPA, torch masks, AdamW foreach", False, "sdpa", False),
+            ("+ AdamW fused", True, "sdpa", False),
+            ("+ attention written out", True, "auto", False),
+            ("+ cheap dropout masks (default)", True, "auto", True)]
 
 
 def group_of(name):
@@ -109,11 +122,13 @@ def profile(step, batches, steps):
     shares = {}
     for event in prof.events():
         group, parent = group_of(event.name), event.cpu_parent
-        while parent is not None and group != OPTIMIZER:
-            group = OPTIMIZER if parent.name == "optimizer" else group
+        while parent is not None and group not in RANGES.values():
+            group = RANGES.get(parent.name, group)
             parent = parent.cpu_parent
         shares[group] = shares.get(group, 0.0) + event.self_cpu_time_total / 1e6 / steps
-    return shares, seconds
+    # aten::all: SDPA's check of a boolean mask on its math path, once per layer and step
+    all_calls = sum(event.name == "aten::all" for event in prof.events()) / steps
+    return shares, seconds, all_calls
 
 
 def plot(results, path):
@@ -160,17 +175,21 @@ def main(argv=None):
           f"precision {runtime.precision}; bf16 matmul peak on the model's shapes "
           f"{peak / 1e12:.2f} TFLOP/s; {tokens:.0f} tokens per batch on average")
     results = []
-    for setting, fused in (("AdamW foreach (before)", False), ("AdamW fused", True)):
+    for setting, fused, impl, cheap_masks in SETTINGS:
         model = bert.BertClassifier(bert.BertModel.from_pretrained(model_dir), head="pooler")
-        shares, seconds = profile(make_step(model.train(), runtime, fused), batches, args.steps)
+        set_attention(model, impl, cheap_masks)
+        shares, seconds, all_calls = profile(make_step(model.train(), runtime, fused), batches,
+                                             args.steps)
         results.append((setting, shares, seconds))
         total = sum(shares.values())
+        previous = f", {results[-2][2] / seconds:.2f}x the previous" if len(results) > 1 else ""
         print(f"\n{setting}: {args.batch_size / seconds:.1f} samples/s, {seconds * 1e3:.0f} ms a "
-              f"step; matmul work {step_flops / seconds / 1e12:.3f} TFLOP/s = "
-              f"{step_flops / seconds / peak:.0%} of the measured bf16 peak")
+              f"step{previous}; matmul work {step_flops / seconds / 1e12:.3f} TFLOP/s = "
+              f"{step_flops / seconds / peak:.0%} of the measured bf16 peak; "
+              f"{all_calls:.0f} aten::all calls a step")
         for group in [g for g, _ in GROUPS] + [OTHER]:
             print(f"  {group:22} {shares.get(group, 0.0) / total:6.1%}")
-    print(f"\nfused / foreach: {results[0][2] / results[1][2]:.2f}x the samples/s")
+    print(f"\nlast / first: {results[0][2] / results[-1][2]:.2f}x the samples/s")
     plot(results, args.out)
 
 

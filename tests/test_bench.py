@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bert
 import common
+from bench.models import set_attention
 from bench.speed_ablation import TRICKS, training_flops
 from conftest import AGNEWS_DIR, needs_rows
 
@@ -25,9 +26,7 @@ def tiny_config(**overrides):
 
 
 def use_sdpa(model, sdpa):
-    for module in model.modules():
-        if isinstance(module, bert.SelfAttention):
-            module.sdpa = sdpa
+    set_attention(model, "sdpa" if sdpa else "written")
 
 
 def padded_mask(lengths, T):
@@ -43,8 +42,8 @@ def test_written_out_attention_equals_sdpa(training):
     x = torch.randn(3, 9, 64)
     mask = padded_mask([9, 5, 2], 9)[:, None, None, :]  # (B, 1, 1, T): keys only
     results = []
-    for sdpa in (True, False):
-        attention.sdpa = sdpa
+    for impl in ("sdpa", "written"):
+        attention.impl = impl
         attention.zero_grad()
         xs = x.clone().requires_grad_()
         y = attention(xs, mask)
@@ -54,7 +53,7 @@ def test_written_out_attention_equals_sdpa(training):
     for fused, written_out in zip(*results):
         torch.testing.assert_close(written_out, fused, atol=1e-5, rtol=1e-5)
     # The mask matters: without it the written-out path attends to padding and differs.
-    attention.sdpa = False
+    attention.impl = "written"
     assert (attention(x, None) - results[0][0]).abs().max() > 1e-3
 
 
@@ -115,6 +114,13 @@ def test_step_breakdown_groups_ops_and_puts_every_optimizer_op_in_one_group():
                 torch.randint(0, 4, (4,))) for _ in range(3)]
     runtime = common.Runtime(torch.device("cpu"), precision="fp32")
     for fused in (False, True):
-        shares, seconds = profile(make_step(model, runtime, fused), batches, steps=1)
+        shares, seconds, _ = profile(make_step(model, runtime, fused), batches, steps=1)
         assert shares[OPTIMIZER] > 0 and seconds > 0
         assert not any("adam" in group.lower() for group in shares if group != OPTIMIZER)
+    # dropout.py's masks (ops inside its named range) count as dropout; the written-out attention
+    # asks no aten::all, SDPA with dropout on a CPU (its math path) asks one a layer
+    shares, _, all_calls = profile(make_step(model, runtime, True), batches, steps=1)
+    assert shares["dropout masks"] > 0 and all_calls == 0
+    set_attention(model, "sdpa", cheap_masks=False)
+    _, _, all_calls = profile(make_step(model, runtime, True), batches, steps=1)
+    assert all_calls == model.bert.config.num_hidden_layers
