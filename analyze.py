@@ -10,6 +10,7 @@
     python analyze.py --run runs/bert_pooler --contrast 'text A' 'text B'   # why two texts differ
     python analyze.py --compare                      # every experiment under runs/, seeds pooled
     python analyze.py --compare runs/study --baseline bert_pooler
+    python analyze.py --learning-curve runs/study-quick runs/study-medium --out figures
 
 Everything is read from the run folder: config.json (how it was trained), metrics.json (its
 history and the fingerprint of its test split), test_probs.npy (its probabilities on that split)
@@ -452,6 +453,11 @@ def build_parser():
                         help="mean ± std over seeds of every experiment among these runs or "
                              "folders of runs (none named: runs/), each against --baseline; writes "
                              "compare.md, .csv, .png into --out (default runs/)")
+    parser.add_argument("--learning-curve", nargs="+", metavar="STUDY",
+                        help="test macro F1 against training rows, one line per experiment, from "
+                             "study folders of several sizes (e.g. runs/study-quick "
+                             "runs/study-medium); writes learning_curve.png into --out (default "
+                             "runs/)")
     parser.add_argument("--baseline", help="--compare: the experiment (folder name) the others "
                                            "are measured against (default: the pooler head when "
                                            "present)")
@@ -506,9 +512,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.compare is not None:  # about many runs, not one: it needs no --run
-        compare.show_compare(args.compare or ["runs"], args.out or "runs", args.baseline,
-                             args.data, args.seed)
+    if args.compare is not None or args.learning_curve:  # about many runs: no --run needed
+        if args.compare is not None:
+            compare.show_compare(args.compare or ["runs"], args.out or "runs", args.baseline,
+                                 args.data, args.seed)
+        if args.learning_curve:
+            compare.show_learning_curve(args.learning_curve, args.out or "runs")
         if not any(getattr(args, action) for action in ACTIONS):
             return
     if not any(getattr(args, action) for action in ACTIONS):

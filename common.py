@@ -58,6 +58,8 @@ DATA_SEED = 42
 VAL_FRACTION = 0.1
 PAD_ID = 0  # padding: [PAD] in the BERT vocabularies and in train_lstm.py's word vocabulary
 RESUME_FILE = "resume.safetensors"  # in a run folder while a run is unfinished
+# Today's news, the second test set every finished run scores (issue 22)
+CASES_FILE = Path(__file__).resolve().parent / "cases" / "news_2020s.csv"
 
 # the release, as mirrored by fast.ai
 AGNEWS_URL = "https://s3.amazonaws.com/fast-ai-nlp/ag_news_csv.tgz"
@@ -519,6 +521,72 @@ def load_ag_news(data_dir=None, train_size=None, test_size=None, val_size=None,
     return {"train": train, "val": val, "test": test}
 
 
+def parse_label(field):
+    """'1'..'4' as in AG News, or a class name (any case) -> 0..3; None if it is neither."""
+    field = field.strip()
+    if field in {"1", "2", "3", "4"}:
+        return int(field) - 1
+    names = [name.lower() for name in CLASS_NAMES]
+    return names.index(field.lower()) if field.lower() in names else None
+
+
+def read_cases(path):
+    """A file of your own cases (vote.py --file, serve.py --file, cases/news_2020s.csv): one text a
+    line, or, in a .csv file or one whose first line is the header `label,text`, CSV rows
+    `label,text` (label 1..4 or a class name). The file's name or header decides, not a guess from
+    its first text: "1,000 jobs cut" is a text, not label 1. Lines starting with # at the top are
+    the file's comment; blank lines are skipped. Returns [(label or None, text)]."""
+    path = Path(path)
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: bytes that are not UTF-8") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    while numbered and numbered[0][1].lstrip().startswith("#"):
+        numbered = numbered[1:]  # the file's opening comment: how it was made
+    if not numbered:
+        raise UserError(f"{path}: no texts")
+    first = [f.strip().lower() for f in next(csv.reader([numbered[0][1]]))]
+    header = first == ["label", "text"]
+    labelled = header or path.suffix.lower() == ".csv"
+    if header:
+        numbered = numbered[1:]
+        if not numbered:
+            raise UserError(f"{path}: only the header label,text; no texts below it")
+
+    cases = []
+    for n, line in numbered:
+        label, text = None, line
+        if labelled:
+            try:
+                fields = next(csv.reader([line], strict=True))
+            except csv.Error as err:
+                raise UserError(f"{path}:{n}: malformed CSV ({err})") from None
+            label = parse_label(fields[0]) if len(fields) >= 2 else None
+            if label is None:
+                raise UserError(f"{path}:{n}: expected label,text with label 1..4 or one of "
+                                       f"{', '.join(CLASS_NAMES)}, found {line[:60]!r}")
+            text = ",".join(fields[1:])  # an unquoted text with commas arrives in pieces
+        text = clean_text(text)
+        if not text:
+            raise UserError(f"{path}:{n}: empty text")
+        cases.append((label, text))
+    return cases
+
+
+def load_cases(path=None):
+    """Today's news (cases/news_2020s.csv, 400 labelled rows of 2020-2025 that we wrote), a second
+    test set every finished run scores: a Split, ids its row numbers in the file."""
+    path = Path(path) if path else CASES_FILE
+    cases = read_cases(path)
+    if any(label is None for label, _ in cases):
+        raise UserError(f"{path}: every case needs a label to be a test set (label,text rows)")
+    return Split([text for _, text in cases], np.array([label for label, _ in cases]))
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. Tokenizer and batches
 # --------------------------------------------------------------------------------------------------
@@ -857,6 +925,15 @@ def load_probs(run_dir, name, rows):
     if probs.shape != (rows, NUM_CLASSES):
         raise UserError(f"{path}: shape {probs.shape}, expected ({rows}, {NUM_CLASSES})")
     return probs
+
+
+def load_cases_probs(run_dir, cases):
+    """A finished run's probabilities on today's news (cases_probs.npy), or None for a run scored
+    before cases/ existed or on another version of the file (its fingerprint differs)."""
+    metrics = load_json(Path(run_dir) / "metrics.json")
+    if metrics.get("fingerprints", {}).get("cases") != cases.fingerprint():
+        return None
+    return load_probs(run_dir, "cases", len(cases))
 
 
 def scored_rows(run, splits=("val", "test")):

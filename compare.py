@@ -53,6 +53,11 @@ class Experiment:
     def probs(self, rows):
         return [common.load_probs(run, "test", rows) for run in self.runs]
 
+    def cases_probs(self, cases):
+        """Each seed's probabilities on today's news, or None if a seed was not scored on them."""
+        probs = [common.load_cases_probs(run, cases) for run in self.runs]
+        return None if any(p is None for p in probs) else probs
+
     @property
     def is_pooler_baseline(self):
         args = self.config.get("args", {})
@@ -148,6 +153,27 @@ def paired_bootstrap(preds_a, preds_b, labels, samples=BOOTSTRAP_SAMPLES, seed=0
     return float(observed), float(low), float(high)
 
 
+def drop_bootstrap(test_preds, test_labels, cases_preds, cases_labels, samples=BOOTSTRAP_SAMPLES,
+                   seed=0):
+    """95% interval of one experiment's loss from the 2004 test set to today's news: mean over
+    seeds of (macro F1 on test - macro F1 on the cases). test_preds (R, Nt), cases_preds (R, Nc),
+    row k of both from seed k. The two row sets are different texts, so each is resampled on its
+    own; the seeds are drawn once for both (a seed's test and cases scores come from one model).
+    Returns (observed drop, low, high)."""
+    rng = np.random.default_rng(seed)
+    f1 = []
+    for preds, labels in ((test_preds, test_labels), (cases_preds, cases_labels)):
+        n = len(labels)
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=samples).astype(np.float64)
+        f1.append(bootstrap_f1(preds, labels, weights))                            # (B, R)
+    pick = rng.integers(0, len(test_preds), size=(samples, len(test_preds)))
+    drops = np.take_along_axis(f1[0] - f1[1], pick, 1).mean(1)
+    observed = np.mean([macro_f1(test_labels, t) - macro_f1(cases_labels, c)
+                        for t, c in zip(test_preds, cases_preds)])
+    low, high = np.percentile(drops, [2.5, 97.5])
+    return float(observed), float(low), float(high)
+
+
 def macro_f1(labels, preds):
     """Macro F1 over all four classes, also where a small test sample lacks one."""
     return f1_score(labels, preds, average="macro", labels=range(common.NUM_CLASSES),
@@ -207,7 +233,7 @@ def mean_std(values):
     return values.mean(), (values.std(ddof=1) if len(values) > 1 else 0.0)
 
 
-def summarise(experiment, labels):
+def summarise(experiment, labels, cases):
     """One row of the table, before the comparison with the baseline."""
     business, scitech = common.BUSINESS, common.SCITECH
     probs = experiment.probs(len(labels))
@@ -222,7 +248,12 @@ def summarise(experiment, labels):
     memory = [m.get("memory", {}) for m in metrics]
     peak = [mem.get("cuda_max_allocated_gb", mem.get("cpu_max_rss_gb")) for mem in memory]
     trainable = {m.get("parameters", {}).get("trainable") for m in metrics}
-    return {"experiment": experiment.name, "seeds": len(preds), "preds": preds,
+    cases_probs = experiment.cases_probs(cases)
+    cases_preds = None if cases_probs is None else np.stack([p.argmax(1) for p in cases_probs])
+    return {"cases_preds": cases_preds,
+            "cases_macro_f1": (mean_std([macro_f1(cases.labels, p) for p in cases_preds])
+                               if cases_preds is not None else (np.nan, np.nan)),
+            "experiment": experiment.name, "seeds": len(preds), "preds": preds,
             "accuracy": mean_std((preds == labels).mean(1)),
             "macro_f1": mean_std([macro_f1(labels, p) for p in preds]),
             "f1_runs": [macro_f1(labels, p) for p in preds],
@@ -237,8 +268,11 @@ def summarise(experiment, labels):
                             else "CPU max RSS")}
 
 
-def compare_experiments(experiments, labels, baseline_name=None, seed=0):
-    """Rows of the comparison table, the baseline's first, each against the baseline."""
+def compare_experiments(experiments, labels, baseline_name=None, seed=0, cases=None):
+    """Rows of the comparison table, the baseline's first, each against the baseline; on the test
+    set, and on today's news (cases, default common.load_cases()) where the runs were scored on
+    them: each experiment's drop from one to the other, and its difference from the baseline."""
+    cases = cases if cases is not None else common.load_cases()
     if baseline_name is not None:
         chosen = [e for e in experiments if e.name == baseline_name]
         if not chosen:
@@ -248,32 +282,41 @@ def compare_experiments(experiments, labels, baseline_name=None, seed=0):
     else:
         baseline = next((e for e in experiments if e.is_pooler_baseline), experiments[0])
     others = [e for e in experiments if e is not baseline]
-    rows = [summarise(e, labels) for e in [baseline] + others]
+    rows = [summarise(e, labels, cases) for e in [baseline] + others]
     experiment_of = {e.name: e for e in experiments}
     base = rows[0]
     for row in rows:
         row["baseline"] = base["experiment"]
+        has_cases = row["cases_preds"] is not None
+        row["cases_drop"] = (drop_bootstrap(row["preds"], labels, row["cases_preds"],
+                                            cases.labels, seed=seed) if has_cases else None)
         if row is base:
-            row["diff"], row["p"] = None, None
+            row["diff"], row["p"], row["cases_diff"] = None, None, None
             continue
         seeds = experiment_of[row["experiment"]].seeds
         paired = len(seeds) > 1 and seeds == baseline.seeds
         row["seeds_paired"] = paired
         row["diff"] = paired_bootstrap(row["preds"], base["preds"], labels, seed=seed,
                                        paired_seeds=paired)
+        row["cases_diff"] = (paired_bootstrap(row["cases_preds"], base["cases_preds"],
+                                              cases.labels, seed=seed, paired_seeds=paired)
+                             if has_cases and base["cases_preds"] is not None else None)
         right = majority_right(row["preds"], labels), majority_right(base["preds"], labels)
         row["p"], row["log10_p"] = mcnemar_exact(*right), mcnemar_log10_p(*right)
     return rows
 
 
-def verdict(row):
+def verdict(row, key="diff"):
     """'+0.0123 [+0.0040, +0.0210] *' where the interval excludes 0, else the plain 'inside the
-    noise'."""
-    if row["diff"] is None:
-        return "baseline"
-    diff, low, high = row["diff"]
+    noise'. key: "diff" (test, against the baseline), "cases_diff" (today's news, against the
+    baseline) or "cases_drop" (test minus today's news, the experiment alone)."""
+    if row[key] is None:
+        if key == "cases_drop":
+            return "-"
+        return "baseline" if row["diff"] is None else "-"
+    diff, low, high = row[key]
     real = low > 0 or high < 0
-    paired = " (seeds paired)" if row.get("seeds_paired") else ""
+    paired = " (seeds paired)" if row.get("seeds_paired") and key != "cases_drop" else ""
     return (f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]" + (" *" if real else " (inside the noise)")
             + paired)
 
@@ -281,7 +324,8 @@ def verdict(row):
 COMPARE_COLUMNS = ["experiment", "seeds", "test accuracy", "macro F1", "F1 Business",
                    "F1 Sci/Tech", "Business<->Sci/Tech errors", "training time (s)", "samples/s",
                    "trainable parameters", "peak memory (GB)", "macro F1 - baseline [95% CI]",
-                   "McNemar p"]
+                   "McNemar p", "today's news macro F1", "test - today's news [95% CI]",
+                   "today's news - baseline [95% CI]"]
 
 
 def table_cells(row, for_csv=False):
@@ -300,7 +344,8 @@ def table_cells(row, for_csv=False):
             pm(row["train_time_s"], 0), pm(row["samples_per_s"], 1),
             "-" if row["trainable"] is None else f"{row['trainable']:,}",
             pm(row["peak_memory_gb"], 2),
-            verdict(row), "-" if row["p"] is None else p_text(row["p"], row["log10_p"])]
+            verdict(row), "-" if row["p"] is None else p_text(row["p"], row["log10_p"]),
+            pm(row["cases_macro_f1"], 4), verdict(row, "cases_drop"), verdict(row, "cases_diff")]
 
 
 def plot_compare(rows, path):
@@ -339,7 +384,10 @@ def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0):
             f"95% paired bootstrap over test rows and seeds ({BOOTSTRAP_SAMPLES} resamples; seed k "
             f"drawn with the baseline's seed k where both ran the same seeds); * = the interval "
             f"excludes 0. McNemar: exact, on the rows each experiment's majority of seeds gets "
-            f"right (a tie counts as wrong).")
+            f"right (a tie counts as wrong). Today's news: the {len(common.load_cases()):,} "
+            f"cases of {common.CASES_FILE.name} (2020-2025, written for this project; '-' for "
+            f"runs scored before it); test - today's news: each experiment's loss from the 2004 "
+            f"test set to today's news, both row sets and the seeds resampled.")
     print("\n" + markdown + "\n\n" + note)
     out_dir = Path(out_dir)
     common.atomic_write(out_dir / "compare.md",
@@ -354,3 +402,71 @@ def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0):
     print(f"wrote {out_dir / 'compare.md'}\nwrote {out_dir / 'compare.csv'}")
     plot_compare(rows, out_dir / "compare.png")
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The learning curve: the same experiments at several training sizes
+# --------------------------------------------------------------------------------------------------
+def training_rows(run):
+    """How many training rows a finished run learned from; a vote, those of its first member."""
+    metrics = common.load_json(Path(run) / "metrics.json")
+    if "train" in metrics.get("rows", {}):
+        return metrics["rows"]["train"]
+    config = common.load_json(Path(run) / "config.json")
+    if config.get("script") == "vote" and config.get("members"):
+        member = Path(config["members"][0])
+        member_runs = common.find_runs(member) if member.exists() else []
+        if member_runs:
+            return training_rows(member_runs[0])
+    raise common.UserError(f"{run}/metrics.json: no training row count")
+
+
+def learning_curve(paths):
+    """{experiment name: [(training rows, [test macro F1 of each seed]), ...]} over the given study
+    folders (e.g. runs/study-quick and runs/study-medium), each gathered as --compare gathers one;
+    an experiment keeps its name across folders. With --eda the rows count the copies too."""
+    curves = {}
+    for path in paths:
+        for experiment in gather_experiments([path]):
+            rows = {training_rows(run) for run in experiment.runs}
+            if len(rows) != 1:
+                raise common.UserError(f"{path}: the seeds of {experiment.name} trained on "
+                                       f"different numbers of rows ({sorted(rows)})")
+            f1 = [m["test"]["macro_f1"] for m in experiment.metrics]
+            curves.setdefault(experiment.name, []).append((rows.pop(), f1))
+    return {name: sorted(points) for name, points in curves.items()}
+
+
+def plot_learning_curve(curves, path):
+    """Test macro F1 against training rows (log scale), one line per experiment: the mean over
+    seeds, a bar of ±1 std. Experiments measured at one size only are dots."""
+    fig, ax = plt.subplots(figsize=(COMPARE_WIDTH, 6))
+    for k, (name, points) in enumerate(sorted(curves.items())):
+        rows = [r for r, _ in points]
+        means = [np.mean(f1) for _, f1 in points]
+        stds = [np.std(f1, ddof=1) if len(f1) > 1 else 0.0 for _, f1 in points]
+        style = "-" if name.startswith(("bert", "lora")) else "--"
+        ax.errorbar(rows, means, yerr=stds, fmt="o" + style, capsize=3, label=name,
+                    color=plt.cm.tab20(k % 20))
+    ax.set_xscale("log")
+    sizes = sorted({r for points in curves.values() for r, _ in points})
+    ax.set_xticks(sizes, [f"{s:,}" for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("training rows (log scale)")
+    ax.set_ylabel("test macro F1 (mean ± std over seeds)")
+    ax.set_title("Which conclusions change with data: the study's experiments at each size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
+def show_learning_curve(paths, out_dir):
+    """Print the curve as a table; write learning_curve.png into out_dir."""
+    curves = learning_curve(paths)
+    print("\n| experiment | " + " | ".join(f"{p}" for p in paths) + " |")
+    for name, points in sorted(curves.items()):
+        cells = {rows: f"{np.mean(f1):.4f} ± {np.std(f1, ddof=1) if len(f1) > 1 else 0.0:.4f} "
+                       f"({rows:,} rows, {len(f1)} seeds)" for rows, f1 in points}
+        print(f"| {name} | " + " | ".join(cells.values()) + " |")
+    return plot_learning_curve(curves, Path(out_dir) / "learning_curve.png")

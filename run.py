@@ -5,7 +5,7 @@ Not a lesson of its own (read loop.py for the loop): the plumbing around one cal
                    seeds, folder, resume; AWP's from awp.py and EDA's from eda.py)
   start_run        device and precision, seeds, the run folder, the data (EDA copies with --eda)
   run_each_seed    one run, or one per seed of --seeds into <folder>/seed<k>/
-  finish_run       reload the best epoch, score val and test, write the run folder
+  finish_run       reload the best epoch, score val, test and today's news, write the run folder
 """
 import copy
 import os
@@ -101,6 +101,8 @@ def start_run(args, name):
     args.data_dir = str(data_dir.resolve())
     splits = common.load_ag_news(data_dir, args.train_size, args.test_size, args.val_size)
     splits = eda.augment_train_split(args, splits, runtime)
+    # Today's news: scored by finish_run beside the 2004 test set, never trained or chosen on.
+    splits["cases"] = common.load_cases()
     return runtime, run_dir, splits, t_start
 
 
@@ -132,18 +134,20 @@ def run_each_seed(args, name, train_one):
 
 def finish_run(model, data, splits, runtime, run_dir, config, history, weights_name,
                trainable_only, t_start):
-    """Reload the best epoch, score val and test, print the report, write probabilities and metrics,
-    drop the resume point. Every training script ends here."""
+    """Reload the best epoch, score val, test and today's news (cases/), print the report, write
+    probabilities and metrics, drop the resume point. Every training script ends here."""
     run_dir = Path(run_dir)
     common.load_checked(model, run_dir / weights_name, trainable_only)
     t0 = time.perf_counter()
     val_probs = common.predict(model, data["val"], runtime, desc="scoring val")
     test_probs = common.predict(model, data["test"], runtime, desc="scoring test")
+    cases_probs = common.predict(model, data["cases"], runtime, desc="scoring today's news")
     score_time = time.perf_counter() - t0
     test = common.evaluate(test_probs, data["test"].labels)
     wall = time.perf_counter() - t_start
     train_time = sum(h["train_time_s"] for h in history)
     metrics = {"test": test, "val": common.evaluate(val_probs, data["val"].labels),
+               "cases": common.evaluate(cases_probs, data["cases"].labels),
                "history": history,
                "best_epoch": max(history, key=lambda h: h["val_macro_f1"])["epoch"],
                "train_time_s": train_time, "score_time_s": score_time, "wall_time_s": wall,
@@ -156,11 +160,15 @@ def finish_run(model, data, splits, runtime, run_dir, config, history, weights_n
         common.print_report(data["test"].labels, test_probs)
         common.save_npy(run_dir / "val_probs.npy", val_probs.astype(np.float32))
         common.save_npy(run_dir / "test_probs.npy", test_probs.astype(np.float32))
+        common.save_npy(run_dir / "cases_probs.npy", cases_probs.astype(np.float32))
         common.save_json(run_dir / "config.json", config)
         common.save_json(run_dir / "metrics.json", metrics)
         (run_dir / common.RESUME_FILE).unlink(missing_ok=True)
         mem = ", ".join(f"{k} {v:.2f}" for k, v in metrics["memory"].items())
         # Training time counts every session of a resumed run; wall time only this session.
+        cases = metrics["cases"]
+        print(f"today's news ({len(cases_probs)} cases, {common.CASES_FILE.name}): accuracy "
+              f"{cases['accuracy']:.4f}  macro F1 {cases['macro_f1']:.4f}")
         print(f"test accuracy {test['accuracy']:.4f}  macro F1 {test['macro_f1']:.4f}  | training "
               f"{train_time:.1f} s ({metrics['train_samples_per_s']:.1f} samples/s), scoring "
               f"{score_time:.1f} s, wall {wall:.1f} s this session | peak memory: {mem}")

@@ -54,7 +54,7 @@ class Lab:
         self.members = vote.load_members(runs, self.runtime.device)
         args = argparse.Namespace(weights=weights, data=data)
         self.weights, self.weights_from = vote.choose_weights(args, runs)
-        self.cases = vote.read_cases(cases) if cases else []
+        self.cases = common.read_cases(cases) if cases else []
         self.lock = threading.Lock()  # one request at a time through the models
 
     def verdicts(self, texts):

@@ -3,7 +3,11 @@
 #
 #   bash study.sh quick      # 2-core CPU, about 40 min: 2,000 training rows, 1 epoch (the LSTMs from
 #                            # scratch: 5, seconds each), 1,000 validation rows, the full test set
-#   bash study.sh full       # one GPU: every training row found, runs side by side on the card
+#   bash study.sh medium     # 2-core CPU, hours, in sittings (resumable): every training row found
+#                            # (24,175 of ours), 1 epoch (the LSTMs 5), the whole validation split
+#   bash study.sh full       # one GPU: every training row found, 2 epochs, runs side by side
+# The presets differ only in sizes and device; the experiments below are one list for all three.
+# Every finished run is also scored on today's news (cases/news_2020s.csv): compare.md's last columns.
 #
 # Experiments (each --seeds $SEEDS, each seed an ordinary run folder $ROOT/<name>/seed<k>/):
 #   bert_pooler bert_fc bert_lstm bert_textcnn bert_mlp_res bert_attnpool   full fine-tuning, one per head
@@ -27,8 +31,9 @@ PRESET=${1:-}
 case "$PRESET" in
   quick) DATA_FLAGS=(--train-size 2000 --val-size 1000 --epochs 1); LSTM_FLAGS=(--train-size 2000 --val-size 1000)
          JOBS=${JOBS:-1}; DEVICE=(--device cpu) ;;
+  medium) DATA_FLAGS=(--epochs 1); LSTM_FLAGS=(); JOBS=${JOBS:-1}; DEVICE=(--device cpu) ;;
   full)  DATA_FLAGS=(--epochs 2); LSTM_FLAGS=(); JOBS=${JOBS:-5}; DEVICE=(--device cuda) ;;
-  *) echo "usage: bash study.sh quick|full   (quick: CPU, about an hour; full: one GPU, every row)" >&2; exit 2 ;;
+  *) echo "usage: bash study.sh quick|medium|full   (quick: CPU, under an hour; medium: CPU, every row, hours; full: one GPU, every row)" >&2; exit 2 ;;
 esac
 ROOT=${ROOT:-runs/study-$PRESET}
 case "$ROOT" in *" "*) echo "ROOT must not contain spaces: $ROOT" >&2; exit 2 ;; esac

@@ -4,6 +4,7 @@
     python vote.py --runs runs/bert_pooler runs/bilstm_attn --weights 0.7,0.3
     python vote.py --text "Oil climbs as OPEC cuts output" --text "Nadal wins in Paris"
     python vote.py --file cases.txt                        # one text a line, or label,text rows
+    python vote.py --file cases/news_2020s.csv             # today's news, 400 labelled cases
     python vote.py --runs runs/bilstm_attn runs/lora_r8_pooler --out runs/vote_bilstm_lora
                    # folders of --seeds runs: seed k votes with seed k,
                    # into runs/vote_bilstm_lora/seed<k>/
@@ -16,10 +17,10 @@ labels are most likely (lowest validation log-loss), found by EM (see fit_weight
 Members must have been scored on the same rows: vote.py reads each run's val_probs.npy and
 test_probs.npy row by row, and refuses runs whose metrics.json names other rows (fingerprints).
 With --out the vote is saved as a run-like folder (config.json naming members and weights,
-val/test probabilities, metrics.json), so `analyze.py --compare` tables it beside its members.
+val/test probabilities, those of today's news where every member has them, metrics.json), so
+`analyze.py --compare` tables it beside its members.
 """
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,16 @@ def vote_on_test(args, runs, out=None, seed=None):
                       test_rows)
 
 
+def vote_on_cases(runs, weights):
+    """The weighted vote on today's news, (probs, cases), when every member was scored on the
+    current cases file; else None (members trained before it existed)."""
+    cases = common.load_cases()
+    probs = [common.load_cases_probs(run, cases) for run in runs]
+    if any(p is None for p in probs):
+        return None
+    return ensemble_probs(probs, weights), cases
+
+
 def save_vote_run(out, runs, weights, how, seed, val_probs, test_probs, val_rows, test_rows):
     """The vote as a run-like folder: config.json (script "vote", its members, how the weights were
     chosen; per seed only the seed differs, so analyze.py --compare groups the seeds as one
@@ -273,6 +284,13 @@ def save_vote_run(out, runs, weights, how, seed, val_probs, test_probs, val_rows
                                  for k in ("total", "trainable")}
     common.save_npy(out / "val_probs.npy", val_probs.astype(np.float32))
     common.save_npy(out / "test_probs.npy", test_probs.astype(np.float32))
+    today = vote_on_cases(runs, weights)
+    if today is not None:
+        cases_probs, cases = today
+        metrics["cases"] = common.evaluate(cases_probs, cases.labels)
+        metrics["rows"]["cases"] = len(cases)
+        metrics["fingerprints"]["cases"] = cases.fingerprint()
+        common.save_npy(out / "cases_probs.npy", cases_probs.astype(np.float32))
     common.save_json(out / "config.json", config)
     common.save_json(out / "metrics.json", metrics)  # last: a folder with metrics.json is finished
     print(f"saved {out}/")
@@ -281,59 +299,6 @@ def save_vote_run(out, runs, weights, how, seed, val_probs, test_probs, val_rows
 # --------------------------------------------------------------------------------------------------
 # Your own texts
 # --------------------------------------------------------------------------------------------------
-def parse_label(field):
-    """'1'..'4' as in AG News, or a class name (any case) -> 0..3; None if it is neither."""
-    field = field.strip()
-    if field in {"1", "2", "3", "4"}:
-        return int(field) - 1
-    names = [name.lower() for name in common.CLASS_NAMES]
-    return names.index(field.lower()) if field.lower() in names else None
-
-
-def read_cases(path):
-    """--file: one text a line, or, in a .csv file or one whose first line is the header
-    `label,text`, CSV rows `label,text` (label 1..4 or a class name). The file's name or header
-    decides, not a guess from its first text: "1,000 jobs cut" is a text, not label 1. Blank lines
-    are skipped. Returns [(label or None, text)]."""
-    path = Path(path)
-    try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
-    except OSError as err:
-        raise common.UserError(f"{path}: cannot read ({err.strerror})") from None
-    except UnicodeDecodeError as err:
-        line = err.object[: err.start].count(b"\n") + 1
-        raise common.UserError(f"{path}:{line}: bytes that are not UTF-8") from None
-    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-    if not numbered:
-        raise common.UserError(f"{path}: no texts")
-    first = [f.strip().lower() for f in next(csv.reader([numbered[0][1]]))]
-    header = first == ["label", "text"]
-    labelled = header or path.suffix.lower() == ".csv"
-    if header:
-        numbered = numbered[1:]
-        if not numbered:
-            raise common.UserError(f"{path}: only the header label,text; no texts below it")
-
-    cases = []
-    for n, line in numbered:
-        label, text = None, line
-        if labelled:
-            try:
-                fields = next(csv.reader([line], strict=True))
-            except csv.Error as err:
-                raise common.UserError(f"{path}:{n}: malformed CSV ({err})") from None
-            label = parse_label(fields[0]) if len(fields) >= 2 else None
-            if label is None:
-                raise common.UserError(f"{path}:{n}: expected label,text with label 1..4 or one of "
-                                       f"{', '.join(common.CLASS_NAMES)}, found {line[:60]!r}")
-            text = ",".join(fields[1:])  # an unquoted text with commas arrives in pieces
-        text = common.clean_text(text)
-        if not text:
-            raise common.UserError(f"{path}:{n}: empty text")
-        cases.append((label, text))
-    return cases
-
-
 def load_members(runs, device):
     """Each run's (run, model, tokenizer, max_len), loaded once (serve.py keeps them loaded)."""
     members = []
@@ -370,7 +335,7 @@ def vote_on_texts(args, runs):
     if any(not text for _, text in cases):
         raise common.UserError("--text: empty text")
     if args.file:
-        cases += read_cases(args.file)
+        cases += common.read_cases(args.file)
     labels = [label for label, _ in cases]
     texts = [text for _, text in cases]
 

@@ -258,3 +258,76 @@ def test_a_one_seed_experiment_reads_1_seed_in_the_table_and_a_number_in_the_csv
     assert float(rows["single"]["test accuracy"]) == pytest.approx(
         float(single_line.split(" | ")[2].split()[0]))
     assert "±" in rows["steady"]["test accuracy"]
+
+
+# -- today's news: the cases columns, and the learning curve ---------------------------------------
+def test_the_cases_columns_are_each_runs_own_cases_probs(tmp_path):
+    """The table's today's-news macro F1 is the mean over seeds of each run's own cases_probs.npy;
+    the drop from test to today is test F1 minus cases F1, with an interval that excludes 0 when
+    the drop is large and holds 0 when there is none; a run scored before the cases existed (no
+    fingerprint) shows '-'."""
+    rng = np.random.default_rng(7)
+    labels = np.arange(800) % common.NUM_CLASSES
+    cases = common.Split([f"case {i}" for i in range(200)], np.arange(200) % common.NUM_CLASSES)
+    onehot = np.eye(common.NUM_CLASSES, dtype=np.float32)
+
+    def experiment(name, test_acc, cases_acc, with_cases=True):
+        runs = []
+        for seed in (0, 1, 2):
+            run = tmp_path / name / f"seed{seed}"
+            test_preds = np.where(rng.random(800) < test_acc, labels, (labels + 1) % 4)
+            cases_preds = np.where(rng.random(200) < cases_acc, cases.labels,
+                                   (cases.labels + 2) % 4)
+            common.save_npy(run / "test_probs.npy", onehot[test_preds])
+            common.save_npy(run / "cases_probs.npy", onehot[cases_preds])
+            fingerprints = {"cases": cases.fingerprint()} if with_cases else {}
+            common.save_json(run / "metrics.json", {"fingerprints": fingerprints})
+            runs.append(run)
+        return compare.Experiment(name, runs, {}, [0, 1, 2])
+
+    steady, fragile, old = (experiment("steady", 0.9, 0.9), experiment("fragile", 0.95, 0.6),
+                            experiment("old", 0.9, 0.9, with_cases=False))
+    rows = compare.compare_experiments([steady, fragile, old], labels, "steady", cases=cases)
+    by_name = {row["experiment"]: row for row in rows}
+    for name, exp in (("steady", steady), ("fragile", fragile)):
+        own = [compare.macro_f1(cases.labels, np.load(run / "cases_probs.npy").argmax(1))
+               for run in exp.runs]
+        cells = dict(zip(compare.COMPARE_COLUMNS, compare.table_cells(by_name[name])))
+        assert cells["today's news macro F1"] == f"{np.mean(own):.4f} ± {np.std(own, ddof=1):.4f}"
+        test_f1 = [compare.macro_f1(labels, np.load(run / "test_probs.npy").argmax(1))
+                   for run in exp.runs]
+        assert by_name[name]["cases_drop"][0] == pytest.approx(np.mean(test_f1) - np.mean(own))
+    drop, low, high = by_name["fragile"]["cases_drop"]
+    assert 0.25 < drop and 0 < low < drop < high
+    _, low, high = by_name["steady"]["cases_drop"]
+    assert low < 0 < high
+    _, low, high = by_name["fragile"]["cases_diff"]   # against the baseline, on the cases
+    assert high < 0
+    cells = dict(zip(compare.COMPARE_COLUMNS, compare.table_cells(by_name["old"])))
+    assert (cells["today's news macro F1"], cells["test - today's news [95% CI]"],
+            cells["today's news - baseline [95% CI]"]) == ("-", "-", "-")
+
+
+def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path):
+    """Two study folders, the same two experiments at 2,000 and 24,175 rows: each experiment
+    becomes one line with a point per size, mean and seeds as its runs' metrics say; the PNG is
+    written."""
+    f1 = {("small", "bert_pooler"): [0.88, 0.89, 0.87], ("small", "lstm"): [0.70, 0.72, 0.71],
+          ("large", "bert_pooler"): [0.92, 0.93, 0.925], ("large", "lstm"): [0.89, 0.90, 0.90]}
+    for (study, name), scores in f1.items():
+        rows = 2000 if study == "small" else 24175
+        for seed, score in enumerate(scores):
+            run = tmp_path / study / name / f"seed{seed}"
+            common.save_json(run / "config.json",
+                             {"script": "train_bert" if name.startswith("bert") else "train_lstm",
+                              "args": {"seed": seed, "train_size": rows}})
+            common.save_json(run / "metrics.json",
+                             {"rows": {"train": rows, "val": 10, "test": 20},
+                              "fingerprints": {"val": "v", "test": "t"},
+                              "test": {"macro_f1": score}})
+    curves = compare.learning_curve([tmp_path / "small", tmp_path / "large"])
+    assert curves == {"bert_pooler": [(2000, f1["small", "bert_pooler"]),
+                                      (24175, f1["large", "bert_pooler"])],
+                      "lstm": [(2000, f1["small", "lstm"]), (24175, f1["large", "lstm"])]}
+    path = compare.show_learning_curve([tmp_path / "small", tmp_path / "large"], tmp_path)
+    assert Image.open(path).size[0] > 500

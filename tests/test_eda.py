@@ -377,7 +377,7 @@ def test_eda_run_prints_its_rows_and_resumes_exactly(tmp_path, monkeypatch, caps
     printed = capsys.readouterr().out
     before, after = re.search(r"EDA: ([\d,]+) training rows -> ([\d,]+)", printed).groups()
     assert (int(before), int(after.replace(",", ""))) == (200, 200 * 3)
-    assert whole["rows"] == {"train": 600, "val": 60, "test": 60}
+    assert whole["rows"] == {"train": 600, "val": 60, "test": 60, "cases": 400}
     plain = common.load_ag_news(AGNEWS_DIR, train_size=200, val_size=60, test_size=60)
     assert whole["fingerprints"]["val"] == plain["val"].fingerprint()
     assert whole["fingerprints"]["test"] == plain["test"].fingerprint()

@@ -1,6 +1,7 @@
 """study.sh, the study's table in one command: on a few rows and two seeds it trains every
-experiment, votes seed k with seed k, writes the comparison; run again, it trains nothing; it stops
-at a failure."""
+experiment, votes seed k with seed k, scores each on today's news, writes the comparison with its
+columns; run again, it trains nothing; it stops at a failure. The whole run takes the medium preset
+(quick's code paths with other sizes), the failure quick's."""
 import os
 import subprocess
 from pathlib import Path
@@ -30,32 +31,40 @@ def tiny_model(tmp_path_factory):
     return save_bert_folder(bert.BertModel(config), tmp_path_factory.mktemp("tiny_model"))
 
 
-def study(tmp_path, model, extra=TINY):
-    """study.sh quick on the rows conftest found; without rows, $AGNEWS_DIR is left as it was
+def study(tmp_path, model, extra=TINY, preset="quick"):
+    """study.sh PRESET on the rows conftest found; without rows, $AGNEWS_DIR is left as it was
     (enough for a study that fails on its first flags, before any run reads rows)."""
     rows = {"AGNEWS_DIR": str(AGNEWS_DIR)} if AGNEWS_DIR is not None else {}
     env = {**os.environ, **rows, "ROOT": str(tmp_path / "study"), "SEEDS": "0,1",
            "EXTRA": f"{extra} --model {model}"}
-    return subprocess.run(["bash", str(ROOT / "study.sh"), "quick"], env=env, capture_output=True,
+    return subprocess.run(["bash", str(ROOT / "study.sh"), preset], env=env, capture_output=True,
                           text=True, cwd=ROOT)
 
 
 @needs_rows
 def test_the_study_runs_whole_then_resumes_to_nothing(tmp_path, tiny_model):
-    done = study(tmp_path, tiny_model)
+    done = study(tmp_path, tiny_model, preset="medium")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     root = tmp_path / "study"
+    cases = common.load_cases()
     for name in EXPERIMENTS:
         for seed in (0, 1):
-            assert common.is_finished(root / name / f"seed{seed}"), f"{name}/seed{seed}"
+            run = root / name / f"seed{seed}"
+            assert common.is_finished(run), f"{name}/seed{seed}"
+            assert common.load_cases_probs(run, cases) is not None, f"{name}/seed{seed}: cases"
+    assert (root / "bert_pooler" / "seed0" / "config.json").exists()
+    assert common.load_json(root / "lstm" / "seed0" / "config.json")["args"]["epochs"] == 5
     table = (root / "compare.md").read_text().splitlines()
     assert (len([line for line in table if line.startswith("| ") and "---" not in line])
             == 1 + len(EXPERIMENTS))
     assert (root / "compare.png").exists() and (root / "compare.csv").exists()
     assert "baseline" in next(line for line in table if line.startswith("| bert_pooler |"))
+    assert "today's news macro F1" in table[0]
+    cases_cells = [line.split("|")[-4].strip() for line in table[2:] if line.startswith("| ")]
+    assert len(cases_cells) == len(EXPERIMENTS) and "-" not in cases_cells
 
     mtimes = {p: p.stat().st_mtime for p in root.rglob("metrics.json") if "vote" not in str(p)}
-    again = study(tmp_path, tiny_model)
+    again = study(tmp_path, tiny_model, preset="medium")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes          # nothing trained again
     assert "is finished, kept" in (root / "logs" / "bert_pooler.log").read_text()

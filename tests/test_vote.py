@@ -152,7 +152,7 @@ def test_vote_scores_members_and_ensemble_on_the_saved_rows(tiny_lstm_run, tmp_p
     assert list(saved["weights"].values()) == pytest.approx(weights.tolist())
     assert (saved["fingerprints"]
             == {k: json.loads((lstm / "metrics.json").read_text())["fingerprints"][k]
-                for k in ("val", "test")})
+                for k in ("val", "test", "cases")})
     assert (saved["test"]
             == pytest.approx(common.evaluate(expected["ensemble, weights fitted on val"],
                                              splits["test"].labels)))
@@ -161,6 +161,12 @@ def test_vote_scores_members_and_ensemble_on_the_saved_rows(tiny_lstm_run, tmp_p
     assert list(members) == [None] and set(members[None]) == {lstm, knows}
     np.testing.assert_allclose(np.load(tmp_path / "vote" / "test_probs.npy"),
                                expected["ensemble, weights fitted on val"], atol=1e-6)
+    # Today's news: the vote of the members' own cases probabilities, with the same weights.
+    cases = common.load_cases()
+    members_cases = [common.load_cases_probs(r, cases) for r in (lstm, knows)]
+    voted = common.load_cases_probs(tmp_path / "vote", cases)
+    np.testing.assert_allclose(voted, vote.ensemble_probs(members_cases, weights), atol=1e-6)
+    assert saved["cases"] == pytest.approx(common.evaluate(voted, cases.labels))
 
 
 def test_a_run_voting_with_itself_scores_as_itself(tiny_lstm_run, tmp_path, capsys):
@@ -291,21 +297,52 @@ def test_labelled_file_counts_hits(tiny_lstm_run, tmp_path, capsys):
 def test_case_files_are_read_or_refused_with_file_and_line(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("1,000 jobs cut, again\n\n  Nadal wins  \n")
-    assert vote.read_cases(plain) == [(None, "1,000 jobs cut, again"), (None, "Nadal wins")]
+    assert common.read_cases(plain) == [(None, "1,000 jobs cut, again"), (None, "Nadal wins")]
 
     labelled = tmp_path / "labelled.csv"
     labelled.write_text('1,"Rebels, army clash"\nsports,Nadal wins, again\n')
-    assert vote.read_cases(labelled) == [(0, "Rebels, army clash"), (1, "Nadal wins, again")]
+    assert common.read_cases(labelled) == [(0, "Rebels, army clash"), (1, "Nadal wins, again")]
 
     for content, line in [("1,ok\n5,bad label\n", 2), ("label,text\n3,fine\n\nWorld,\n", 4),
                           ("2,ok\njust a text\n", 2)]:
         bad = tmp_path / "bad.csv"
         bad.write_text(content)
         with pytest.raises(common.UserError, match=rf"bad\.csv:{line}: "):
-            vote.read_cases(bad)
+            common.read_cases(bad)
     bad.write_bytes(b"1,fine\n2,not \xff utf-8\n")
     with pytest.raises(common.UserError, match=r"bad\.csv:2: bytes that are not UTF-8"):
-        vote.read_cases(bad)
+        common.read_cases(bad)
+
+
+def test_a_case_file_may_open_with_a_comment(tmp_path):
+    commented = tmp_path / "commented.csv"
+    commented.write_text("# how this file was made\n#  by whom\nlabel,text\n2,Nadal wins\n")
+    assert common.read_cases(commented) == [(1, "Nadal wins")]
+    only_comment = tmp_path / "only.csv"
+    only_comment.write_text("# nothing below\n")
+    with pytest.raises(common.UserError, match="only.csv: no texts"):
+        common.read_cases(only_comment)
+
+
+def test_todays_news_is_400_labelled_cases_100_a_class_and_says_how_it_was_made():
+    cases = common.load_cases()
+    assert len(cases) == 400 and np.bincount(cases.labels).tolist() == [100] * 4
+    assert len(set(cases.texts)) == 400
+    opening = common.CASES_FILE.read_text().split("\nlabel,text\n")[0]
+    assert opening.startswith("#") and "2020-2025" in opening and "own words" in opening
+
+
+@needs_rows
+def test_a_finished_run_scores_todays_news(tiny_lstm_run):
+    """finish_run writes cases_probs.npy and its accuracy and macro F1 into metrics.json."""
+    cases = common.load_cases()
+    probs = common.load_cases_probs(tiny_lstm_run, cases)
+    metrics = common.load_json(tiny_lstm_run / "metrics.json")
+    assert probs.shape == (400, 4) and metrics["rows"]["cases"] == 400
+    assert metrics["cases"] == pytest.approx(common.evaluate(probs, cases.labels))
+    # a run scored on another version of the file is not read as scored on this one
+    other = common.Split(cases.texts[:-1] + ["changed"], cases.labels)
+    assert common.load_cases_probs(tiny_lstm_run, other) is None
 
 
 def test_one_run_is_not_a_vote(tiny_lstm_run, tmp_path):
@@ -365,7 +402,7 @@ def test_a_labelled_file_with_only_its_header_is_one_line(tmp_path):
     path.write_text("label,text\n\n")
     with pytest.raises(common.UserError,
                        match="cases.csv: only the header label,text; no texts below it"):
-        vote.read_cases(path)
+        common.read_cases(path)
 
 
 @needs_rows
