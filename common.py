@@ -316,6 +316,7 @@ class Split:
     texts: list   # title + " " + description, cleaned
     labels: np.ndarray  # (N,) int64 in 0..3
     ids: np.ndarray = None  # (N,) each row's number in its CSV file, so runs can be joined on rows
+    soft: np.ndarray = None  # (N, 4) a teacher's probabilities (distill.py), or None
 
     def __post_init__(self):
         if self.ids is None:
@@ -325,7 +326,8 @@ class Split:
         return len(self.labels)
 
     def subset(self, idx):
-        return Split([self.texts[i] for i in idx], self.labels[idx], self.ids[idx])
+        return Split([self.texts[i] for i in idx], self.labels[idx], self.ids[idx],
+                     None if self.soft is None else self.soft[idx])
 
     def fingerprint(self):
         """Hash of texts and labels in order: two runs can vote only if they saw the same rows."""
@@ -673,7 +675,8 @@ def make_batches(lengths, batch_size, shuffle, seed=0, bucket=True, rank=0, worl
 class Encoded:
     """A split after tokenization: what the loops iterate over."""
     ids: list            # N arrays of token ids
-    labels: np.ndarray   # (N,)
+    labels: np.ndarray   # (N,) 0..3, or distill.UNLABELED for a row whose label is not used
+    soft: np.ndarray = None  # (N, 4) a teacher's probabilities (distill.py), or None
 
     @property
     def lengths(self):
@@ -681,7 +684,7 @@ class Encoded:
 
 
 def encode_splits(tokenizer, splits, max_len):
-    return {name: Encoded(encode(tokenizer, s.texts, max_len), s.labels)
+    return {name: Encoded(encode(tokenizer, s.texts, max_len), s.labels, s.soft)
             for name, s in splits.items()}
 
 

@@ -7,7 +7,10 @@ Read this after bert.py (the model). It teaches:
                     it: mixed precision (forward_loss, GradScaler), gradient accumulation, AWP
                     (awp.py), running sums read without stalling the device (RunningLoss), the
                     best epoch's weights, an exact resume point (ResumePoint), Ctrl-C/SIGTERM at a
-                    step boundary (StopSignal), DDP and torch.compile (model_for_training).
+                    step boundary (StopSignal), DDP and torch.compile (model_for_training); and
+                    what a run may ask of its loss beyond cross-entropy (forward_loss: R-Drop,
+                    rdrop.py; a teacher's soft targets, distill.py) and of its optimizer (one rate
+                    per layer, fewsample.py).
                     tests/test_loop.py trains one tiny model with both and finds the same weights.
 The flags, start and end of a run around train() are in run.py.
 Next: train_bert.py and train_lora.py, which build a model (bert.py) and call these.
@@ -29,6 +32,9 @@ import torch.nn.functional as F
 import awp
 import bert
 import common
+import distill
+import fewsample
+import rdrop
 
 
 def train_plain(model, data, args, runtime):
@@ -74,8 +80,9 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
                                                 rank=runtime.rank, world_size=runtime.world_size))
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.llrd)
     scheduler = warmup_linear_decay(optimizer, steps_per_epoch * args.epochs, args.warmup)
+    objective = Objective(args.rdrop, args.distill_alpha, args.distill_t)
     # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
     step_model = model_for_training(model, runtime, args.compile)  # DDP, torch.compile
@@ -105,12 +112,15 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
             pad_to = args.max_len if args.pad_to_max else 0
             for i in range(at.batch, len(batches)):
                 input_ids, mask, labels = batch_tensors(train_split, batches[i], pad_to, device)
+                soft = soft_targets(train_split, batches[i], device)  # (B, 4) or None
                 group = min(args.grad_accum, len(batches) - i + i % args.grad_accum)  # last: short
-                loss, logits = forward_loss(step_model, input_ids, mask, labels, runtime)
+                loss, logits = forward_loss(step_model, input_ids, mask, labels, runtime, soft,
+                                            objective)
                 scaler.scale(loss / group).backward()
                 if use_awp:  # the batch again at weights moved up the loss; its gradient adds on
                     with perturber.perturbed():
-                        awp_loss = forward_loss(step_model, input_ids, mask, labels, runtime)[0]
+                        awp_loss = forward_loss(step_model, input_ids, mask, labels, runtime,
+                                                soft, objective)[0]
                         scaler.scale(awp_loss / group).backward()
                 running.add(loss, logits, labels)
                 bar.update()
@@ -163,14 +173,20 @@ def batch_tensors(split, rows, pad_to, device):
     return input_ids, mask, labels
 
 
-def make_optimizer(model, lr, weight_decay):
+def soft_targets(split, rows, device):
+    """A teacher's probabilities (B, 4) for the rows (distill.py), or None without a teacher."""
+    if split.soft is None:
+        return None
+    return torch.from_numpy(split.soft[rows]).to(device, non_blocking=True)
+
+
+def make_optimizer(model, lr, weight_decay, llrd=1.0):
     """AdamW over trainable parameters. Weight decay on matrices only: decaying biases and LayerNorm
-    gains pulls them towards 0, which only hurts. Fused: one kernel updates every parameter, where
-    the default runs ~10 small ops over each tensor (bench/step_breakdown.py on this project's
-    2-core EPYC: the optimizer's share of a MiniLM step 20% -> 8%)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    gains pulls them towards 0, which only hurts. With llrd < 1, each encoder layer at its own rate
+    (fewsample.lr_groups). Fused: one kernel updates every parameter, where the default runs ~10
+    small ops over each tensor (bench/step_breakdown.py on this project's 2-core EPYC: the
+    optimizer's share of a MiniLM step 20% -> 8%)."""
+    groups = fewsample.lr_groups(model, lr, weight_decay, llrd)
     fused = next(model.parameters()).device.type in ("cuda", "cpu")  # where torch has the kernel
     return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
@@ -207,12 +223,30 @@ def model_for_training(model, runtime, compile=False):
     return step_model
 
 
-def forward_loss(model, input_ids, mask, labels, runtime):
-    """Logits (B, 4) under autocast, and their mean cross-entropy, taken in fp32."""
-    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype,
-                        enabled=runtime.amp_dtype is not None):
-        logits = model(input_ids, mask)
-    return F.cross_entropy(logits.float(), labels), logits
+@dataclass(frozen=True)
+class Objective:
+    """What the loss asks beyond the labels: R-Drop's weight (rdrop.py; 0 = off) and the
+    distillation settings, used where the rows carry a teacher's probabilities (distill.py)."""
+    rdrop: float = 0.0
+    distill_alpha: float = 0.0
+    distill_t: float = 1.0
+
+
+def forward_loss(model, input_ids, mask, labels, runtime, soft=None, objective=Objective()):
+    """Logits (B, 4) under autocast, and the batch's loss, taken in fp32: the mean cross-entropy,
+    or with soft targets the distillation loss; with R-Drop, the mean of two dropout passes' losses
+    plus rdrop times their symmetric KL."""
+    def one_pass():
+        with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype,
+                            enabled=runtime.amp_dtype is not None):
+            logits = model(input_ids, mask)
+        return logits, distill.distill_loss(logits.float(), labels, soft,
+                                            objective.distill_alpha, objective.distill_t)
+    logits, loss = one_pass()
+    if objective.rdrop:  # a second pass draws other dropout masks
+        logits_2, loss_2 = one_pass()
+        loss = 0.5 * (loss + loss_2) + objective.rdrop * rdrop.symmetric_kl(logits, logits_2)
+    return loss, logits
 
 
 def optimizer_step(params, optimizer, scheduler, scaler, clip):
@@ -363,8 +397,10 @@ class ResumePoint:
         """Restore everything in place; returns (Progress, the epoch's RunningLoss or None)."""
         saved, metadata = common.load_weights(self.path, with_metadata=True)
         progress = json.loads(metadata["progress"])
-        changed = {k: (progress["args"].get(k), v) for k, v in self.run_args.items()
-                   if progress["args"].get(k) != v}
+        # A flag the saved run does not know came with a later version of the project (the run
+        # was started without it, that is with it off): not a change.
+        changed = {k: (progress["args"][k], v) for k, v in self.run_args.items()
+                   if k in progress["args"] and progress["args"][k] != v}
         if changed:
             raise common.UserError(
                 f"{self.path}: the run was started with other flags "

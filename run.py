@@ -17,8 +17,10 @@ import torch
 
 import awp
 import common
+import distill
 import eda
 import flags
+import rdrop
 
 
 def add_common_args(parser, lr, epochs, batch_size=32):
@@ -80,6 +82,10 @@ def add_common_args(parser, lr, epochs, batch_size=32):
                              "log line, curve)")
     awp.add_awp_args(parser)
     eda.add_eda_args(parser)
+    rdrop.add_rdrop_args(parser)
+    distill.add_distill_args(parser)
+    # Flags only the BERT scripts offer (fewsample.add_fewsample_args); elsewhere they stay off.
+    parser.set_defaults(llrd=1.0, reinit_top=0)
     return parser
 
 
@@ -100,6 +106,7 @@ def start_run(args, name):
     # Recorded (config.json's args), so vote.py and analyze.py find the rows in any shell.
     args.data_dir = str(data_dir.resolve())
     splits = common.load_ag_news(data_dir, args.train_size, args.test_size, args.val_size)
+    splits = distill.attach_teacher(args, splits, data_dir, runtime)
     splits = eda.augment_train_split(args, splits, runtime)
     # Today's news: scored by finish_run beside the 2004 test set, never trained or chosen on.
     splits["cases"] = common.load_cases()

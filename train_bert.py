@@ -15,6 +15,7 @@ from pathlib import Path
 
 import bert
 import common
+import fewsample
 import flags
 import loop
 import run
@@ -32,6 +33,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     bert.add_bert_args(parser)
     run.add_common_args(parser, lr=5e-5, epochs=3)
+    fewsample.add_fewsample_args(parser)
     return parser
 
 
@@ -43,8 +45,12 @@ def train(args):
               "penalty_words": args.penalty_words, "penalty": args.penalty, "max_len": args.max_len,
               "args": vars(args)}
     model, tokenizer = bert.build_bert_classifier(config)
+    fresh = fewsample.reinit_top_layers(model, args.reinit_top)  # --reinit-top N, from the seed
     if runtime.is_main:
         bert.keep_penalty_words(config, run_dir)
+        if fresh:
+            print(f"--reinit-top {args.reinit_top}: {', '.join(fresh)} start from BERT's "
+                  f"initialisation")
     data = common.encode_splits(tokenizer, splits, args.max_len)
     total, trainable = common.count_parameters(model)
     if runtime.is_main:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import bert
 import common
 import dropout as cheap_dropout
+import fewsample
 import flags
 import loop
 import run
@@ -208,6 +209,7 @@ def build_parser():
                              "on 2 CPU cores (flags given explicitly still win)")
     bert.add_bert_args(parser)
     run.add_common_args(parser, lr=DEFAULT_LR, epochs=3)
+    fewsample.add_fewsample_args(parser, reinit=False)  # a frozen base keeps its layers
     return parser
 
 
