@@ -11,6 +11,7 @@
     python analyze.py --compare                      # every experiment under runs/, seeds pooled
     python analyze.py --compare runs/study --baseline bert_pooler
     python analyze.py --learning-curve runs/study-quick runs/study-medium --out figures
+    python analyze.py --score-cases runs/study-quick   # today's news for runs made before it
 
 Everything is read from the run folder: config.json (how it was trained), metrics.json (its
 history and the fingerprint of its test split), test_probs.npy (its probabilities on that split)
@@ -31,6 +32,7 @@ words, by hand) and compare.py (--compare: seeds, the paired bootstrap, McNemar)
 imports this file.
 """
 import argparse
+import os
 import textwrap
 from functools import cache, cached_property
 from pathlib import Path
@@ -429,6 +431,42 @@ ACTIONS = ["report", "confusion", "pca", "tsne", "tfidf", "errors", "attribution
            "contrast"]
 
 
+def score_todays_news(paths, device="auto"):
+    """Score today's news (cases/news_2020s.csv) for every finished run under `paths` that has not
+    been scored on this version of it: runs made before cases/ existed, or on an earlier version.
+    Trained runs are loaded and scored; votes are voted again from their members' new scores with
+    their own weights. metrics.json keeps its time, so --compare's order of runs is unchanged."""
+    import vote
+    cases = common.load_cases()
+    runtime = common.setup_runtime(device)
+    runs = sorted({run for path in paths for run in common.find_runs(path)})
+    todo = [run for run in runs if common.load_cases_probs(run, cases) is None]
+    votes = [run for run in todo if common.load_json(run / "config.json").get("script") == "vote"]
+    for run in [run for run in todo if run not in votes] + votes:  # members before their votes
+        if run in votes:
+            weights = common.load_json(run / "metrics.json")["weights"]
+            today = vote.vote_on_cases([Path(m) for m in weights], list(weights.values()))
+            if today is None:
+                print(f"{run}: a member has no scores on today's news; left as it was")
+                continue
+            probs = today[0]
+        else:
+            model, tokenizer, config = common.load_run(run, runtime.device)
+            ids = common.encode(tokenizer, cases.texts, config["args"]["max_len"])
+            probs = common.predict(model, common.Encoded(ids, cases.labels), runtime,
+                                   desc=f"today's news, {run}")
+        metrics_path = run / "metrics.json"
+        metrics, mtime = common.load_json(metrics_path), metrics_path.stat().st_mtime
+        metrics["cases"] = common.evaluate(probs, cases.labels)
+        metrics.setdefault("rows", {})["cases"] = len(cases)
+        metrics.setdefault("fingerprints", {})["cases"] = cases.fingerprint()
+        common.save_npy(run / "cases_probs.npy", probs.astype(np.float32))
+        common.save_json(metrics_path, metrics)
+        os.utime(metrics_path, (mtime, mtime))
+        print(f"{run}: today's news macro F1 {metrics['cases']['macro_f1']:.4f}")
+    print(f"today's news: {len(todo)} of {len(runs)} runs scored now, the others had it")
+
+
 def shap_samples(text):
     """argparse type of --shap-samples: shapley.check_shap_samples's rule, checked while the
     command line is read."""
@@ -458,6 +496,10 @@ def build_parser():
                              "study folders of several sizes (e.g. runs/study-quick "
                              "runs/study-medium); writes learning_curve.png into --out (default "
                              "runs/)")
+    parser.add_argument("--score-cases", nargs="+", metavar="RUN",
+                        help="score today's news (cases/news_2020s.csv) for the finished runs "
+                             "under these folders that lack it (trained before it, or on an "
+                             "earlier version), votes included; then --compare has its columns")
     parser.add_argument("--baseline", help="--compare: the experiment (folder name) the others "
                                            "are measured against (default: the pooler head when "
                                            "present)")
@@ -512,7 +554,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.compare is not None or args.learning_curve:  # about many runs: no --run needed
+    if args.compare is not None or args.learning_curve or args.score_cases:  # many runs
+        if args.score_cases:
+            score_todays_news(args.score_cases, args.device)
         if args.compare is not None:
             compare.show_compare(args.compare or ["runs"], args.out or "runs", args.baseline,
                                  args.data, args.seed)

@@ -536,8 +536,9 @@ def read_cases(path):
     """A file of your own cases (vote.py --file, serve.py --file, cases/news_2020s.csv): one text a
     line, or, in a .csv file or one whose first line is the header `label,text`, CSV rows
     `label,text` (label 1..4 or a class name). The file's name or header decides, not a guess from
-    its first text: "1,000 jobs cut" is a text, not label 1. Lines starting with # at the top are
-    the file's comment; blank lines are skipped. Returns [(label or None, text)]."""
+    its first text: "1,000 jobs cut" is a text, not label 1. In a .csv file, lines starting with #
+    at the top are the file's comment (in a text file a # headline is a text); blank lines are
+    skipped. Returns [(label or None, text)]."""
     path = Path(path)
     try:
         lines = path.read_bytes().decode("utf-8").splitlines()
@@ -547,8 +548,8 @@ def read_cases(path):
         line = err.object[: err.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: bytes that are not UTF-8") from None
     numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-    while numbered and numbered[0][1].lstrip().startswith("#"):
-        numbered = numbered[1:]  # the file's opening comment: how it was made
+    while path.suffix.lower() == ".csv" and numbered and numbered[0][1].lstrip().startswith("#"):
+        numbered = numbered[1:]  # a CSV file's opening comment: how it was made
     if not numbered:
         raise UserError(f"{path}: no texts")
     first = [f.strip().lower() for f in next(csv.reader([numbered[0][1]]))]

@@ -422,9 +422,10 @@ def training_rows(run):
 
 
 def learning_curve(paths):
-    """{experiment name: [(training rows, [test macro F1 of each seed]), ...]} over the given study
-    folders (e.g. runs/study-quick and runs/study-medium), each gathered as --compare gathers one;
-    an experiment keeps its name across folders. With --eda the rows count the copies too."""
+    """{experiment name: {study folder: (training rows, [test macro F1 of each seed])}} over the
+    given study folders (e.g. runs/study-quick and runs/study-medium), each gathered as --compare
+    gathers one; an experiment keeps its name across folders. With --eda or --unlabeled the rows
+    count the copies or the unlabelled rows too."""
     curves = {}
     for path in paths:
         for experiment in gather_experiments([path]):
@@ -433,23 +434,27 @@ def learning_curve(paths):
                 raise common.UserError(f"{path}: the seeds of {experiment.name} trained on "
                                        f"different numbers of rows ({sorted(rows)})")
             f1 = [m["test"]["macro_f1"] for m in experiment.metrics]
-            curves.setdefault(experiment.name, []).append((rows.pop(), f1))
-    return {name: sorted(points) for name, points in curves.items()}
+            curves.setdefault(experiment.name, {})[str(path)] = (rows.pop(), f1)
+    return curves
+
+
+def mean_and_spread(f1):
+    return np.mean(f1), (np.std(f1, ddof=1) if len(f1) > 1 else 0.0)
 
 
 def plot_learning_curve(curves, path):
     """Test macro F1 against training rows (log scale), one line per experiment: the mean over
     seeds, a bar of ±1 std. Experiments measured at one size only are dots."""
     fig, ax = plt.subplots(figsize=(COMPARE_WIDTH, 6))
-    for k, (name, points) in enumerate(sorted(curves.items())):
+    for k, (name, by_study) in enumerate(sorted(curves.items())):
+        points = sorted(by_study.values())
         rows = [r for r, _ in points]
-        means = [np.mean(f1) for _, f1 in points]
-        stds = [np.std(f1, ddof=1) if len(f1) > 1 else 0.0 for _, f1 in points]
+        means, stds = zip(*(mean_and_spread(f1) for _, f1 in points))
         style = "-" if name.startswith(("bert", "lora")) else "--"
         ax.errorbar(rows, means, yerr=stds, fmt="o" + style, capsize=3, label=name,
                     color=plt.cm.tab20(k % 20))
     ax.set_xscale("log")
-    sizes = sorted({r for points in curves.values() for r, _ in points})
+    sizes = sorted({r for by_study in curves.values() for r, _ in by_study.values()})
     ax.set_xticks(sizes, [f"{s:,}" for s in sizes])
     ax.minorticks_off()
     ax.set_xlabel("training rows (log scale)")
@@ -462,11 +467,19 @@ def plot_learning_curve(curves, path):
 
 
 def show_learning_curve(paths, out_dir):
-    """Print the curve as a table; write learning_curve.png into out_dir."""
+    """Print the curve as a table, a column per study folder in the order given ("-" where the
+    experiment is not in it); write learning_curve.png into out_dir."""
     curves = learning_curve(paths)
-    print("\n| experiment | " + " | ".join(f"{p}" for p in paths) + " |")
-    for name, points in sorted(curves.items()):
-        cells = {rows: f"{np.mean(f1):.4f} ± {np.std(f1, ddof=1) if len(f1) > 1 else 0.0:.4f} "
-                       f"({rows:,} rows, {len(f1)} seeds)" for rows, f1 in points}
-        print(f"| {name} | " + " | ".join(cells.values()) + " |")
+    print("\n| experiment | " + " | ".join(str(p) for p in paths) + " |")
+    print("| --- |" + " ---: |" * len(paths))
+    for name, by_study in sorted(curves.items()):
+        cells = []
+        for study in map(str, paths):
+            if study not in by_study:
+                cells.append("-")
+                continue
+            rows, f1 = by_study[study]
+            mean, std = mean_and_spread(f1)
+            cells.append(f"{mean:.4f} ± {std:.4f} ({rows:,} rows, {len(f1)} seeds)")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return plot_learning_curve(curves, Path(out_dir) / "learning_curve.png")

@@ -29,6 +29,8 @@ travel with the rows (Split.soft) into every batch.
 Read after loop.py; tests/test_distill.py checks the loss by hand, that a student trained with
 alpha 1 and T 1 reproduces its teacher, and that unlabelled rows carry no label.
 """
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +87,11 @@ def teacher_members(teacher):
     """[(run folder, weight)] of a teacher: a vote folder's members and fitted weights, or one run
     with weight 1."""
     teacher = Path(teacher)
+    if not (teacher / "config.json").exists() or not common.is_finished(teacher):
+        raise common.UserError(f"--teacher {teacher}: not a finished run or vote (config.json and "
+                               f"metrics.json); for a --seeds run name one seed<k>/ folder, or "
+                               f"vote its seeds with vote.py --out")
     config = common.load_json(teacher / "config.json")
-    if not common.is_finished(teacher):
-        raise common.UserError(f"--teacher {teacher}: not a finished run (no metrics.json)")
     if config.get("script") == "vote":
         weights = common.load_json(teacher / "metrics.json")["weights"]
         return [(Path(run), weight) for run, weight in weights.items()]
@@ -115,6 +119,15 @@ def teacher_probs(members, texts, runtime):
         encoded = common.Encoded(ids, np.zeros(len(ids), dtype=np.int64))
         total += weight * common.predict(model, encoded, runtime, desc=f"teacher {run}")
     return total
+
+
+def teacher_fingerprint(members):
+    """A short hash of who the teacher is: each member's folder, weight and recorded test scores
+    (a retrained or replaced member scores differently). Not of its probabilities, whose last bits
+    may change with the number of threads of the machine that resumes."""
+    record = [(str(run), round(weight, 6), common.load_json(run / "metrics.json").get("test"))
+              for run, weight in members]
+    return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def unlabeled_rows(data_dir, labelled, count):
@@ -158,7 +171,15 @@ def attach_teacher(args, splits, data_dir, runtime):
     check_same_rows(members, train)
     extra = (unlabeled_rows(data_dir, train, args.unlabeled) if args.unlabeled else
              common.Split([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
-    probs = teacher_probs(members, train.texts + extra.texts, runtime).astype(np.float32)
+    # Loading the members draws random numbers (a model is built before its weights are read):
+    # they must not move the run's own seeded stream, or seed k would start elsewhere than the
+    # baseline's seed k.
+    cuda = [runtime.device] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        probs = teacher_probs(members, train.texts + extra.texts, runtime).astype(np.float32)
+    # Which teacher it is, recorded with the flags: a resumed run whose teacher folder now holds
+    # another model (another vote, retrained members) is refused (loop.ResumePoint compares them).
+    args.teacher_fingerprint = teacher_fingerprint(members)
     train.soft, extra.soft = probs[:len(train)], probs[len(train):]
     if args.pseudo_threshold is not None and len(extra):
         sure = extra.soft.max(1) >= args.pseudo_threshold

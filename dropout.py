@@ -1,12 +1,12 @@
-"""Dropout from 16 random bits an element: the same layer, a quarter of the cost on a CPU.
+"""Dropout from 16 random bits an element: the same layer, a fifth of the cost on a CPU.
 
 Dropout zeroes each element with probability p and scales the rest by 1/(1-p), so a layer's output
 keeps its expected value. torch draws that mask with `bernoulli_`: one random float per element,
 made from 32 fresh random bits and a comparison, element by element. On a 2-core CPU training
 MiniLM that was 22% of the whole step (bench/step_breakdown.py), nearly half of what the matmuls
-took: BERT drops 3 activations a layer (the embeddings' output, the attention probabilities and
-the two residual branches), the attention probabilities alone are (B, heads, T, T) = 1.3M elements
-a layer at batch 32 and ~58 tokens.
+took: BERT drops three activations a layer (the attention probabilities and the two residual
+branches) and the embeddings' output once; the attention probabilities alone are
+(B, heads, T, T) = 1.3M elements a layer at batch 32 and ~58 tokens.
 
 A drop/keep decision needs far fewer bits than a float. Here one 64-bit random word is cut into
 four 16-bit numbers u, each uniform on {0, ..., 65535}, and
@@ -53,6 +53,8 @@ def drop_mask(shape, p, device="cpu", generator=None):
     random_(-2^63, 2^63 - 1) fills every bit of each int64 (plain random_() leaves the sign bit 0,
     which would bias every fourth 16-bit lane); viewed as int16 each word is four numbers in
     [-32768, 32767], i.e. u - 32768, so `u < k` reads `lane < k - 32768`."""
+    if drop_threshold(p) >= LEVELS:  # the threshold 32768 would not fit in an int16
+        return torch.ones(shape, dtype=torch.bool, device=device)
     n = 1
     for size in shape:
         n *= size
@@ -69,7 +71,7 @@ def dropout(x, p, training=True, cheap_masks=True):
         return x
     if x.device.type != "cpu" or not cheap_masks:
         return F.dropout(x, p, training=True)
-    if p == 1.0:
+    if drop_threshold(p) >= LEVELS:  # p within 2^-17 of 1: every element dropped
         return x * 0.0
     keep_probability = 1.0 - drop_threshold(p) / LEVELS
     # A named range, so that a profile (bench/step_breakdown.py) can count these ops as dropout;

@@ -234,8 +234,8 @@ class Objective:
 
 def forward_loss(model, input_ids, mask, labels, runtime, soft=None, objective=Objective()):
     """Logits (B, 4) under autocast, and the batch's loss, taken in fp32: the mean cross-entropy,
-    or with soft targets the distillation loss; with R-Drop, the mean of two dropout passes' losses
-    plus rdrop times their symmetric KL."""
+    or with soft targets the distillation loss; with R-Drop, half of (the two dropout passes'
+    losses + rdrop times their symmetric KL), R-Drop's loss at one pass's scale."""
     def one_pass():
         with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype,
                             enabled=runtime.amp_dtype is not None):
@@ -245,7 +245,8 @@ def forward_loss(model, input_ids, mask, labels, runtime, soft=None, objective=O
     logits, loss = one_pass()
     if objective.rdrop:  # a second pass draws other dropout masks
         logits_2, loss_2 = one_pass()
-        loss = 0.5 * (loss + loss_2) + objective.rdrop * rdrop.symmetric_kl(logits, logits_2)
+        # the paper's loss, CE1 + CE2 + alpha * symmetric KL, halved: one pass's scale of loss
+        loss = 0.5 * (loss + loss_2 + objective.rdrop * rdrop.symmetric_kl(logits, logits_2))
     return loss, logits
 
 
@@ -319,6 +320,18 @@ class Progress:
 # computes.
 RESUME_FREE_FLAGS = ("device", "resume", "out", "seeds", "save_every", "log_every", "compile",
                      "data_dir")
+# Flags that came after resume points were first written, with the value a run started before them
+# ran with: a resume point that lacks one is checked against this value.
+ADDED_FLAGS = {"llrd": 1.0, "reinit_top": 0, "rdrop": 0.0, "teacher": None, "distill_alpha": 0.5,
+               "distill_t": 2.0, "unlabeled": 0, "pseudo_threshold": None,
+               "teacher_fingerprint": None}
+
+
+def changed_flags(then, now):
+    """{flag: (its value then, now)} for the flags a resumption would change; a flag the saved run
+    does not know is compared with the value in ADDED_FLAGS, the one it ran with."""
+    then = {**ADDED_FLAGS, **then}
+    return {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
 
 
 def weights_to_save(model, trainable_only):
@@ -397,10 +410,7 @@ class ResumePoint:
         """Restore everything in place; returns (Progress, the epoch's RunningLoss or None)."""
         saved, metadata = common.load_weights(self.path, with_metadata=True)
         progress = json.loads(metadata["progress"])
-        # A flag the saved run does not know came with a later version of the project (the run
-        # was started without it, that is with it off): not a change.
-        changed = {k: (progress["args"][k], v) for k, v in self.run_args.items()
-                   if k in progress["args"] and progress["args"][k] != v}
+        changed = changed_flags(progress["args"], self.run_args)
         if changed:
             raise common.UserError(
                 f"{self.path}: the run was started with other flags "

@@ -4,11 +4,13 @@ Dropout makes every forward pass a different sub-network; at test time the whole
 which is none of them. R-Drop runs each batch twice, with two independent dropout masks, and adds
 to the loss how far the two predictive distributions p1 and p2 are apart:
 
-    loss = (CE(z1, y) + CE(z2, y)) / 2  +  alpha * (KL(p1 || p2) + KL(p2 || p1)) / 2
+    loss = ( CE(z1, y) + CE(z2, y)  +  alpha * (KL(p1 || p2) + KL(p2 || p1)) / 2 ) / 2
 
-so the sub-networks are pushed to agree with each other, and with the whole network, the one that
-answers at test time. The cost: a second forward and backward per batch (about 2x a step). With
-distillation (distill.py), each pass's cross-entropy is the distillation loss instead.
+(the paper's loss, halved so that it is on the scale of one pass's cross-entropy and the learning
+rate means what it means without R-Drop; alpha is the paper's). So the sub-networks are pushed to
+agree with each other, and with the whole network, the one that answers at test time. The cost:
+a second forward and backward per batch (about 2x a step). With distillation (distill.py), each
+pass's cross-entropy is the distillation loss instead.
 
 `--rdrop ALPHA` switches it on (the paper uses 0.1 to 5 for classification; 0 = off);
 loop.forward_loss calls `symmetric_kl`. tests/test_rdrop.py checks the loss on a hand-computed case.

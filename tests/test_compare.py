@@ -308,7 +308,7 @@ def test_the_cases_columns_are_each_runs_own_cases_probs(tmp_path):
             cells["today's news - baseline [95% CI]"]) == ("-", "-", "-")
 
 
-def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path):
+def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path, capsys):
     """Two study folders, the same two experiments at 2,000 and 24,175 rows: each experiment
     becomes one line with a point per size, mean and seeds as its runs' metrics say; the PNG is
     written."""
@@ -325,9 +325,19 @@ def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path):
                              {"rows": {"train": rows, "val": 10, "test": 20},
                               "fingerprints": {"val": "v", "test": "t"},
                               "test": {"macro_f1": score}})
+    small, large = str(tmp_path / "small"), str(tmp_path / "large")
     curves = compare.learning_curve([tmp_path / "small", tmp_path / "large"])
-    assert curves == {"bert_pooler": [(2000, f1["small", "bert_pooler"]),
-                                      (24175, f1["large", "bert_pooler"])],
-                      "lstm": [(2000, f1["small", "lstm"]), (24175, f1["large", "lstm"])]}
-    path = compare.show_learning_curve([tmp_path / "small", tmp_path / "large"], tmp_path)
+    assert curves == {"bert_pooler": {small: (2000, f1["small", "bert_pooler"]),
+                                      large: (24175, f1["large", "bert_pooler"])},
+                      "lstm": {small: (2000, f1["small", "lstm"]),
+                               large: (24175, f1["large", "lstm"])}}
+    # the table has a column per folder in the order given, "-" where an experiment is missing
+    for run in (tmp_path / "large" / "lstm").iterdir():
+        (run / "metrics.json").unlink()
+    path = compare.show_learning_curve([tmp_path / "large", tmp_path / "small"], tmp_path)
     assert Image.open(path).size[0] > 500
+    table = capsys.readouterr().out
+    lstm_row = next(line for line in table.splitlines() if line.startswith("| lstm |"))
+    assert lstm_row.split(" | ")[1] == "-" and "2,000 rows" in lstm_row.split(" | ")[2]
+    pooler_row = next(line for line in table.splitlines() if line.startswith("| bert_pooler |"))
+    assert "24,175 rows" in pooler_row.split(" | ")[1]

@@ -96,7 +96,9 @@ def test_unlabelled_rows_carry_no_label_and_pseudo_labels_are_the_teachers(tiny_
         fresh = {k: v.subset(np.arange(len(v))) for k, v in splits.items()}
         return distill.attach_teacher(args, fresh, AGNEWS_DIR, CPU)["train"]
 
+    state = torch.get_rng_state()
     train = attach()
+    assert torch.equal(torch.get_rng_state(), state)  # the teacher drew from a forked stream
     labelled, extra = train.subset(np.arange(1000)), train.subset(np.arange(1000, 1300))
     assert (extra.labels == distill.UNLABELED).all() and (labelled.labels >= 0).all()
     assert not set(extra.ids) & set(splits["train"].ids)

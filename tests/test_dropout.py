@@ -83,6 +83,9 @@ def test_identity_in_eval_and_at_zero_and_torch_when_asked():
     torch.manual_seed(4)
     torch.testing.assert_close(ours_off, F.dropout(x, 0.5, training=True), rtol=0, atol=0)
     assert torch.equal(cheap_dropout.dropout(x, 1.0), torch.zeros_like(x))
+    # within 2^-17 of 1 the threshold is 65536 (no int16 holds 32768): every element dropped
+    assert torch.equal(cheap_dropout.dropout(x, 1 - 1e-7), torch.zeros_like(x))
+    assert cheap_dropout.drop_mask((3, 5), 1 - 1e-7).all()
     module = cheap_dropout.Dropout(0.5).eval()
     assert module(x) is x
     with pytest.raises(ValueError, match="dropout probability"):

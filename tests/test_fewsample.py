@@ -73,6 +73,11 @@ def test_llrd_reaches_loras_adapters_by_their_layer():
 @pytest.mark.parametrize("count", [1, 2])
 def test_reinit_changes_the_top_layers_and_the_pooler_only(count):
     model = tiny_classifier(layers=3)
+    with torch.no_grad():  # LayerNorms away from 1 and 0, so that their re-init can be seen
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(1)
     names = fewsample.reinit_top_layers(model, count)
@@ -91,3 +96,12 @@ def test_reinit_changes_the_top_layers_and_the_pooler_only(count):
     with pytest.raises(common.UserError, match="--reinit-top 4: the encoder has 3 layers"):
         fewsample.reinit_top_layers(model, 4)
     assert fewsample.reinit_top_layers(model, 0) == []
+
+
+def test_resuming_a_run_from_before_these_flags_accepts_them_off_only():
+    """A resume point written before --llrd existed has no "llrd": resuming with --llrd 1 (what it
+    ran with) goes on, with --llrd 0.9 it is a change of flags."""
+    then = {"lr": 5e-5, "epochs": 1}
+    assert loop.changed_flags(then, {"lr": 5e-5, "epochs": 1, "llrd": 1.0, "rdrop": 0.0}) == {}
+    assert loop.changed_flags(then, {"lr": 5e-5, "epochs": 1, "llrd": 0.9}) == {"llrd": (1.0, 0.9)}
+    assert loop.changed_flags({**then, "llrd": 0.9}, {**then, "llrd": 0.9}) == {}

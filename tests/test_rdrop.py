@@ -1,5 +1,5 @@
 """rdrop.py and loop.forward_loss with --rdrop: the symmetric KL on a case computed by hand, and the
-loss of a batch = mean of two dropout passes' cross-entropies + alpha * their symmetric KL."""
+loss of a batch = (the two dropout passes' cross-entropies + alpha * their symmetric KL) / 2."""
 import math
 
 import pytest
@@ -35,7 +35,7 @@ def tiny_model(dropout):
     return bert.BertClassifier(bert.BertModel(cfg), dropout=dropout).train()
 
 
-def test_the_rdrop_loss_is_mean_cross_entropy_plus_alpha_times_symmetric_kl():
+def test_the_rdrop_loss_is_half_of_both_cross_entropies_plus_alpha_times_symmetric_kl():
     model = tiny_model(0.3)
     runtime = common.Runtime(torch.device("cpu"), precision="fp32")
     input_ids = torch.randint(1, 200, (6, 11))
@@ -46,8 +46,8 @@ def test_the_rdrop_loss_is_mean_cross_entropy_plus_alpha_times_symmetric_kl():
                                      objective=loop.Objective(rdrop=2.0))
     torch.manual_seed(5)  # the same two passes, by hand: the same masks in the same order
     first, second = model(input_ids, mask), model(input_ids, mask)
-    by_hand = (0.5 * (F.cross_entropy(first, labels) + F.cross_entropy(second, labels))
-               + 2.0 * rdrop.symmetric_kl(first, second))
+    by_hand = 0.5 * (F.cross_entropy(first, labels) + F.cross_entropy(second, labels)
+                     + 2.0 * rdrop.symmetric_kl(first, second))
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
     torch.testing.assert_close(logits, first)
     assert rdrop.symmetric_kl(first, second).item() > 1e-4  # the two passes did differ

@@ -318,6 +318,9 @@ def test_a_case_file_may_open_with_a_comment(tmp_path):
     commented = tmp_path / "commented.csv"
     commented.write_text("# how this file was made\n#  by whom\nlabel,text\n2,Nadal wins\n")
     assert common.read_cases(commented) == [(1, "Nadal wins")]
+    hashtag = tmp_path / "hashtag.txt"   # in a text file a # line is a text
+    hashtag.write_text("#MeToo reaches Hollywood\nNadal wins\n")
+    assert common.read_cases(hashtag) == [(None, "#MeToo reaches Hollywood"), (None, "Nadal wins")]
     only_comment = tmp_path / "only.csv"
     only_comment.write_text("# nothing below\n")
     with pytest.raises(common.UserError, match="only.csv: no texts"):
@@ -418,3 +421,32 @@ def test_copies_of_one_configuration_and_seed_are_named(tiny_lstm_run, tmp_path,
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert notes == [f"note: {tiny_lstm_run}, {twin} are copies of one configuration and seed "
                      f"(seed 0): one model 2 times, not 2 models"]
+
+
+@needs_rows
+def test_score_cases_scores_old_runs_and_their_votes_as_a_new_run_would(tiny_lstm_run, tmp_path):
+    """Runs (and a vote of them) made before today's news existed: analyze.py --score-cases gives
+    them the very probabilities finish_run would have written, votes them again with the vote's own
+    weights, and keeps metrics.json's time (the order --compare reads runs in)."""
+    import analyze
+    root = tmp_path / "old"
+    runs = [copy_run(tiny_lstm_run, root / name) for name in ("a", "b")]
+    vote.main(["--runs", *map(str, runs), "--out", str(root / "vote")])
+    expected = {run: np.load(run / "cases_probs.npy") for run in runs + [root / "vote"]}
+    times = {}
+    for run in expected:  # as a run made before cases/ existed
+        (run / "cases_probs.npy").unlink()
+        metrics = common.load_json(run / "metrics.json")
+        for key in ("rows", "fingerprints"):
+            metrics[key].pop("cases")
+        metrics.pop("cases")
+        common.save_json(run / "metrics.json", metrics)
+        times[run] = (run / "metrics.json").stat().st_mtime
+    cases = common.load_cases()
+    assert all(common.load_cases_probs(run, cases) is None for run in expected)
+    analyze.main(["--score-cases", str(root), "--device", "cpu"])
+    for run, probs in expected.items():
+        np.testing.assert_allclose(common.load_cases_probs(run, cases), probs, atol=1e-6)
+        assert (run / "metrics.json").stat().st_mtime == times[run]
+        assert common.load_json(run / "metrics.json")["cases"] == pytest.approx(
+            common.evaluate(probs, cases.labels), abs=1e-6)
