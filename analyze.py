@@ -491,6 +491,9 @@ def build_parser():
                         help="mean ± std over seeds of every experiment among these runs or "
                              "folders of runs (none named: runs/), each against --baseline; writes "
                              "compare.md, .csv, .png into --out (default runs/)")
+    parser.add_argument("--compare-on", default="test", choices=["test", "val"],
+                        help="--compare on the test set (compare.*), or on the validation split "
+                             "(compare_val.*), the one to choose settings on")
     parser.add_argument("--learning-curve", nargs="+", metavar="STUDY",
                         help="test macro F1 against training rows, one line per experiment, from "
                              "study folders of several sizes (e.g. runs/study-quick "
@@ -559,7 +562,7 @@ def main(argv=None):
             score_todays_news(args.score_cases, args.device)
         if args.compare is not None:
             compare.show_compare(args.compare or ["runs"], args.out or "runs", args.baseline,
-                                 args.data, args.seed)
+                                 args.data, args.seed, args.compare_on)
         if args.learning_curve:
             compare.show_learning_curve(args.learning_curve, args.out or "runs")
         if not any(getattr(args, action) for action in ACTIONS):

@@ -50,8 +50,8 @@ class Experiment:
     def metrics(self):
         return [common.load_json(run / "metrics.json") for run in self.runs]
 
-    def probs(self, rows):
-        return [common.load_probs(run, "test", rows) for run in self.runs]
+    def probs(self, rows, split="test"):
+        return [common.load_probs(run, split, rows) for run in self.runs]
 
     def cases_probs(self, cases):
         """Each seed's probabilities on today's news, or None if a seed was not scored on them."""
@@ -233,10 +233,11 @@ def mean_std(values):
     return values.mean(), (values.std(ddof=1) if len(values) > 1 else 0.0)
 
 
-def summarise(experiment, labels, cases):
-    """One row of the table, before the comparison with the baseline."""
+def summarise(experiment, labels, cases, split="test"):
+    """One row of the table, before the comparison with the baseline. cases None: no
+    today's-news columns (a table on the validation split)."""
     business, scitech = common.BUSINESS, common.SCITECH
-    probs = experiment.probs(len(labels))
+    probs = experiment.probs(len(labels), split)
     preds = np.stack([p.argmax(1) for p in probs])                                # (R, N)
     per_class = np.stack([f1_score(labels, p, average=None, labels=range(common.NUM_CLASSES),
                                    zero_division=0)
@@ -248,7 +249,7 @@ def summarise(experiment, labels, cases):
     memory = [m.get("memory", {}) for m in metrics]
     peak = [mem.get("cuda_max_allocated_gb", mem.get("cpu_max_rss_gb")) for mem in memory]
     trainable = {m.get("parameters", {}).get("trainable") for m in metrics}
-    cases_probs = experiment.cases_probs(cases)
+    cases_probs = experiment.cases_probs(cases) if cases is not None else None
     cases_preds = None if cases_probs is None else np.stack([p.argmax(1) for p in cases_probs])
     return {"cases_preds": cases_preds,
             "cases_macro_f1": (mean_std([macro_f1(cases.labels, p) for p in cases_preds])
@@ -268,11 +269,16 @@ def summarise(experiment, labels, cases):
                             else "CPU max RSS")}
 
 
-def compare_experiments(experiments, labels, baseline_name=None, seed=0, cases=None):
+def compare_experiments(experiments, labels, baseline_name=None, seed=0, cases=None,
+                        split="test"):
     """Rows of the comparison table, the baseline's first, each against the baseline; on the test
     set, and on today's news (cases, default common.load_cases()) where the runs were scored on
-    them: each experiment's drop from one to the other, and its difference from the baseline."""
-    cases = cases if cases is not None else common.load_cases()
+    them: each experiment's drop from one to the other, and its difference from the baseline.
+    split "val": the same table on the validation split, where settings are chosen (no cases)."""
+    if split == "test":
+        cases = cases if cases is not None else common.load_cases()
+    else:
+        cases = None
     if baseline_name is not None:
         chosen = [e for e in experiments if e.name == baseline_name]
         if not chosen:
@@ -282,7 +288,7 @@ def compare_experiments(experiments, labels, baseline_name=None, seed=0, cases=N
     else:
         baseline = next((e for e in experiments if e.is_pooler_baseline), experiments[0])
     others = [e for e in experiments if e is not baseline]
-    rows = [summarise(e, labels, cases) for e in [baseline] + others]
+    rows = [summarise(e, labels, cases, split) for e in [baseline] + others]
     experiment_of = {e.name: e for e in experiments}
     base = rows[0]
     for row in rows:
@@ -369,28 +375,39 @@ def plot_compare(rows, path):
     return common.save_figure(fig, path)
 
 
-def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0):
-    """Print the table; write compare.md, compare.csv and compare.png into out_dir."""
+def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0, split="test"):
+    """Print the table; write compare.md, compare.csv and compare.png into out_dir (split "val":
+    compare_val.*, the table to choose settings on; every run must share the validation rows)."""
     experiments = gather_experiments(paths)
-    labels = common.load_scored_split(experiments[0].runs[0], "test", data_dir).labels
-    rows = compare_experiments(experiments, labels, baseline_name, seed)
+    first = experiments[0].runs[0]
+    labels = common.load_scored_split(first, split, data_dir).labels
+    if split != "test":
+        rows_of = {run: common.scored_rows(run, (split,)) for e in experiments for run in e.runs}
+        others = sorted({str(run) for run, rows in rows_of.items() if rows != rows_of[first]})
+        if others:
+            raise common.UserError(f"--compare-on {split}: these runs were scored on other "
+                                   f"{split} rows than {first}: {', '.join(others)}")
+    rows = compare_experiments(experiments, labels, baseline_name, seed, split=split)
     cells = [table_cells(row) for row in rows]
     markdown = "\n".join(["| " + " | ".join(COMPARE_COLUMNS) + " |",
                           "|" + " --- |" * len(COMPARE_COLUMNS)]
                          + ["| " + " | ".join(c) + " |" for c in cells])
-    note = (f"Test set: {len(labels):,} rows. Mean ± std over seeds (one seed: its value "
-            f"alone, marked (1 seed)); peak memory is "
-            f"{rows[0]['memory_kind']}. Differences in macro F1 against {rows[0]['experiment']}: "
-            f"95% paired bootstrap over test rows and seeds ({BOOTSTRAP_SAMPLES} resamples; seed k "
-            f"drawn with the baseline's seed k where both ran the same seeds); * = the interval "
-            f"excludes 0. McNemar: exact, on the rows each experiment's majority of seeds gets "
-            f"right (a tie counts as wrong). Today's news: the {len(common.load_cases()):,} "
-            f"cases of {common.CASES_FILE.name} (2020-2025, written for this project; '-' for "
-            f"runs scored before it); test - today's news: each experiment's loss from the 2004 "
-            f"test set to today's news, both row sets and the seeds resampled.")
+    where = ("Test set" if split == "test" else
+             "VALIDATION split (choose settings here; the test columns' names mean val)")
+    note = (f"{where}: {len(labels):,} rows. Mean ± std over seeds (one seed: its value alone, "
+            f"marked (1 seed)); peak memory is {rows[0]['memory_kind']}. Differences in macro F1 "
+            f"against {rows[0]['experiment']}: 95% paired bootstrap over {split} rows and seeds "
+            f"({BOOTSTRAP_SAMPLES} resamples; seed k drawn with the baseline's seed k where both "
+            f"ran the same seeds); * = the interval excludes 0. McNemar: exact, on the rows each "
+            f"experiment's majority of seeds gets right (a tie counts as wrong). Today's news: "
+            f"the {len(common.load_cases()):,} cases of {common.CASES_FILE.name} (2020-2025, "
+            f"written for this project; '-' for runs scored before it); test - today's news: "
+            f"each experiment's loss from the 2004 test set to today's news, both row sets and "
+            f"the seeds resampled.")
     print("\n" + markdown + "\n\n" + note)
     out_dir = Path(out_dir)
-    common.atomic_write(out_dir / "compare.md",
+    stem = "compare" if split == "test" else f"compare_{split}"
+    common.atomic_write(out_dir / f"{stem}.md",
                         lambda tmp: Path(tmp).write_text(markdown + "\n\n" + note + "\n"))
 
     def write_csv(tmp):
@@ -398,9 +415,9 @@ def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0):
             writer = csv.writer(f)
             writer.writerow(COMPARE_COLUMNS)
             writer.writerows(table_cells(row, for_csv=True) for row in rows)
-    common.atomic_write(out_dir / "compare.csv", write_csv)
-    print(f"wrote {out_dir / 'compare.md'}\nwrote {out_dir / 'compare.csv'}")
-    plot_compare(rows, out_dir / "compare.png")
+    common.atomic_write(out_dir / f"{stem}.csv", write_csv)
+    print(f"wrote {out_dir / f'{stem}.md'}\nwrote {out_dir / f'{stem}.csv'}")
+    plot_compare(rows, out_dir / f"{stem}.png")
     return rows
 
 

@@ -341,3 +341,27 @@ def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path, ca
     assert lstm_row.split(" | ")[1] == "-" and "2,000 rows" in lstm_row.split(" | ")[2]
     pooler_row = next(line for line in table.splitlines() if line.startswith("| bert_pooler |"))
     assert "24,175 rows" in pooler_row.split(" | ")[1]
+
+
+@needs_rows
+def test_compare_on_val_tables_the_validation_split_where_settings_are_chosen(tiny_lstm_run,
+                                                                               tmp_path, capsys):
+    """--compare-on val reads val_probs.npy against the validation labels (its macro F1 is each
+    run's recorded val macro F1), writes compare_val.* beside, not over, compare.*; runs scored on
+    other validation rows are refused in one line."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        fake_seed(tiny_lstm_run, root / "a" / f"seed{seed}", seed, flip=2)
+    analyze.main(["--compare", str(root), "--compare-on", "val", "--out", str(tmp_path / "cmp")])
+    with open(tmp_path / "cmp" / "compare_val.csv", newline="") as f:
+        rows = {r[0]: dict(zip(compare.COMPARE_COLUMNS, r)) for r in csv.reader(f)}
+    recorded = common.load_json(tiny_lstm_run / "metrics.json")["val"]["macro_f1"]
+    assert float(rows["a"]["macro F1"].split()[0]) == pytest.approx(recorded, abs=1e-4)
+    assert not (tmp_path / "cmp" / "compare.md").exists()
+    assert "VALIDATION split" in (tmp_path / "cmp" / "compare_val.md").read_text()
+    odd = root / "a" / "seed1" / "metrics.json"
+    metrics = json.loads(odd.read_text())
+    metrics["fingerprints"]["val"] = "0" * 16
+    common.save_json(odd, metrics)
+    with pytest.raises(common.UserError, match="scored on other val rows"):
+        analyze.main(["--compare", str(root), "--compare-on", "val", "--out", str(tmp_path)])
