@@ -131,19 +131,25 @@ def profile(step, batches, steps):
     return shares, seconds, all_calls
 
 
-def plot(results, path):
+def plot(results, path, batch_size=32):
+    """One stacked bar per setting, top to bottom in the order they were added: each group's
+    share of the profile, scaled to the unprofiled step's milliseconds; samples/s at its end."""
     names = [group for group, _ in GROUPS] + [OTHER]
-    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(results)))
+    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.55 * len(results)))
     for row, (setting, shares, seconds) in enumerate(results):
         total, left = sum(shares.values()), 0.0
         for k, name in enumerate(names):
             width = shares.get(name, 0.0) / total * seconds * 1e3  # ms of the unprofiled step
             ax.barh(row, width, left=left, color=plt.cm.tab10(k), label=name if row == 0 else None)
             left += width
+        ax.text(left + 4, row, f"{batch_size / seconds:.0f} samples/s", va="center", fontsize=8)
     ax.set_yticks(range(len(results)), [setting for setting, _, _ in results])
-    ax.set_xlabel("milliseconds per training step (batch of 32)")
-    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(seconds for _, _, seconds in results) * 1e3 * 1.15)
+    ax.set_xlabel(f"milliseconds per training step (batch of {batch_size})")
     fig.tight_layout()
+    fig.subplots_adjust(right=0.80)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     common.save_figure(fig, path)
 
 
@@ -190,7 +196,7 @@ def main(argv=None):
         for group in [g for g, _ in GROUPS] + [OTHER]:
             print(f"  {group:22} {shares.get(group, 0.0) / total:6.1%}")
     print(f"\nlast / first: {results[0][2] / results[-1][2]:.2f}x the samples/s")
-    plot(results, args.out)
+    plot(results, args.out, args.batch_size)
 
 
 if __name__ == "__main__":
