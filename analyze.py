@@ -452,9 +452,8 @@ def score_todays_news(paths, device="auto"):
             probs = today[0]
         else:
             model, tokenizer, config = common.load_run(run, runtime.device)
-            ids = common.encode(tokenizer, cases.texts, config["args"]["max_len"])
-            probs = common.predict(model, common.Encoded(ids, cases.labels), runtime,
-                                   desc=f"today's news, {run}")
+            probs = common.predict_texts(model, tokenizer, config["args"]["max_len"],
+                                         cases.texts, runtime, desc=f"today's news, {run}")
         metrics_path = run / "metrics.json"
         metrics, mtime = common.load_json(metrics_path), metrics_path.stat().st_mtime
         metrics["cases"] = common.evaluate(probs, cases.labels)

@@ -720,6 +720,13 @@ def predict(model, data, runtime, batch_size=128, features=False, desc="scoring"
     return result
 
 
+def predict_texts(model, tokenizer, max_len, texts, runtime, desc="scoring"):
+    """Softmax probabilities (N, 4) of raw texts: encoded by the run's own tokenizer, then
+    predict (the labels are not needed to score)."""
+    ids = encode(tokenizer, texts, max_len)
+    return predict(model, Encoded(ids, np.zeros(len(ids), dtype=np.int64)), runtime, desc=desc)
+
+
 def evaluate(probs, labels):
     preds = probs.argmax(1)
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
@@ -978,9 +985,19 @@ NOT_THE_EXPERIMENT = {"seed", "seeds", "out", "resume", "device", "data", "data_
                       "save_every"}
 
 
+# Flags that came after runs were first saved, with the value a run saved before them ran with: a
+# config.json or resume point that lacks one ran with this value (loop.changed_flags, and
+# experiment_key, so that an old seed and a new one of one experiment are grouped together).
+ADDED_FLAGS = {"llrd": 1.0, "reinit_top": 0, "rdrop": 0.0, "teacher": None, "distill_alpha": 0.5,
+               "distill_t": 2.0, "unlabeled": 0, "pseudo_threshold": None,
+               "teacher_fingerprint": None}
+
+
 def experiment_key(config):
-    """config.json without the seed and the flags that do not change what is trained."""
-    args = {k: v for k, v in config.get("args", {}).items() if k not in NOT_THE_EXPERIMENT}
+    """config.json without the seed and the flags that do not change what is trained; a flag it
+    lacks counts with the value it ran with (ADDED_FLAGS)."""
+    args = {k: v for k, v in {**ADDED_FLAGS, **config.get("args", {})}.items()
+            if k not in NOT_THE_EXPERIMENT}
     rest = {k: v for k, v in config.items() if k not in ("args", "seed")}
     return json.dumps({**rest, "args": args}, sort_keys=True, default=str)
 

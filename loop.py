@@ -320,17 +320,12 @@ class Progress:
 # computes.
 RESUME_FREE_FLAGS = ("device", "resume", "out", "seeds", "save_every", "log_every", "compile",
                      "data_dir")
-# Flags that came after resume points were first written, with the value a run started before them
-# ran with: a resume point that lacks one is checked against this value.
-ADDED_FLAGS = {"llrd": 1.0, "reinit_top": 0, "rdrop": 0.0, "teacher": None, "distill_alpha": 0.5,
-               "distill_t": 2.0, "unlabeled": 0, "pseudo_threshold": None,
-               "teacher_fingerprint": None}
 
 
 def changed_flags(then, now):
     """{flag: (its value then, now)} for the flags a resumption would change; a flag the saved run
-    does not know is compared with the value in ADDED_FLAGS, the one it ran with."""
-    then = {**ADDED_FLAGS, **then}
+    does not know is compared with the value in common.ADDED_FLAGS, the one it ran with."""
+    then = {**common.ADDED_FLAGS, **then}
     return {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
 
 

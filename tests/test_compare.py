@@ -141,6 +141,18 @@ def test_experiment_key_ignores_only_the_seed_and_bookkeeping():
     assert common.experiment_key(config) != common.experiment_key(other)
 
 
+def test_a_seed_saved_before_a_flag_existed_joins_its_experiment():
+    """A config.json written before --llrd, --rdrop, ... existed lacks them; it ran with the values
+    common.ADDED_FLAGS records, so it is one experiment with a newer seed that has them at those
+    values, and another experiment than one that set them otherwise."""
+    old = {"script": "train_lstm", "args": {"seed": 0, "lr": 2e-3, "epochs": 5}}
+    new = {"script": "train_lstm", "args": {"seed": 1, "lr": 2e-3, "epochs": 5, "llrd": 1.0,
+                                            "reinit_top": 0, "rdrop": 0.0, "unlabeled": 0}}
+    assert common.experiment_key(old) == common.experiment_key(new)
+    new["args"]["rdrop"] = 1.0
+    assert common.experiment_key(old) != common.experiment_key(new)
+
+
 @needs_rows
 def test_one_seed_of_one_experiment_counts_once(tiny_lstm_run, tmp_path, capsys):
     """runs/x and runs/x-2 (the same command typed twice, same seed) are one seed, not two: the

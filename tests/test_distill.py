@@ -84,7 +84,8 @@ def test_a_student_with_alpha_1_and_t_1_reproduces_its_teacher(tmp_path):
 
 
 @needs_rows
-def test_unlabelled_rows_carry_no_label_and_pseudo_labels_are_the_teachers(tiny_lstm_run):
+def test_unlabelled_rows_carry_no_label_and_pseudo_labels_are_the_teachers(tiny_lstm_run,
+                                                                           monkeypatch):
     splits = common.load_ag_news(AGNEWS_DIR, train_size=1000, val_size=200, test_size=200)
     pool = common.load_ag_news(AGNEWS_DIR)["train"]
     truth = dict(zip(pool.ids.tolist(), pool.labels.tolist()))
@@ -107,6 +108,10 @@ def test_unlabelled_rows_carry_no_label_and_pseudo_labels_are_the_teachers(tiny_
     members = distill.teacher_members(tiny_lstm_run)
     expected = distill.teacher_probs(members, train.texts, CPU)
     np.testing.assert_allclose(train.soft, expected, atol=1e-6)
+    # the next seed of --seeds, on the same rows with the same teacher: not scored again
+    calls = []
+    monkeypatch.setattr(distill, "teacher_probs", lambda *a: calls.append(a) or expected)
+    assert np.array_equal(attach().soft, train.soft) and calls == []
 
     pseudo = attach(pseudo_threshold=0.4)
     extra = pseudo.subset(np.arange(1000, len(pseudo)))

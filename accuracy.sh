@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# How far a 6-layer encoder goes on AG News (issue 21): each method 3 seeds against its control.
+#
+#   bash accuracy.sh schedule   # 2,000 rows: full fine-tuning (pooler) at 1, 3, 5, 10 epochs
+#   bash accuracy.sh methods    # 2,000 rows, $EPOCHS epochs: peak rate 1e-4, LLRD 0.9 (at 1e-4),
+#                               # re-init of the top 2 layers, R-Drop 1
+#   bash accuracy.sh distill    # 2,000 rows: the seeds' vote as teacher; a student of it; 8,000
+#                               # unlabelled rows as soft targets, and pseudo-labelled at p >= 0.9
+#   bash accuracy.sh large      # every training row (24,175): the pooler for 2 epochs, and a
+#                               # student of the medium study's ensemble ($TEACHER_EXP's seeds), 1
+#                               # epoch; the control of both is the medium study's bert_pooler
+# Between stages, choose on the VALIDATION split only (the test set reports the chosen recipe once):
+#   python analyze.py --compare runs/acc --baseline pooler_e$EPOCHS --compare-on val
+#
+# Settings (environment): EPOCHS (the length `schedule` chose on validation: 3), ROOT (runs/acc),
+# SEEDS (0,1,2), MEDIUM (the medium study's folder, default runs/study-medium), TEACHER_EXP (which
+# of its experiments teaches at 24k, default bert_textcnn: chosen on validation), EXTRA (more flags
+# for every training run, after the stage's own: tests make the runs tiny with it).
+# Every stage is resumable: run the same command again and finished seeds are kept. One run at a
+# time: on a 2-core CPU two would fight over the cores.
+set -euo pipefail
+cd "$(dirname "$0")"
+STAGE=${1:-}
+ROOT=${ROOT:-runs/acc}
+SEEDS=${SEEDS:-0,1,2}
+EPOCHS=${EPOCHS:-3}
+MEDIUM=${MEDIUM:-runs/study-medium}
+TEACHER_EXP=${TEACHER_EXP:-bert_textcnn}
+read -r -a EXTRA_FLAGS <<< "${EXTRA:-}"
+SMALL=(--train-size 2000 --val-size 1000)  # the 2,000-row setting of study.sh quick
+mkdir -p "$ROOT/logs"
+export PYTHONUNBUFFERED=1
+
+# run NAME SCRIPT FLAGS...: one experiment, all its seeds, output in $ROOT/logs/NAME.log
+run() {
+  local name=$1; shift
+  echo "$(date +%T) $name: python $*"
+  python "$@" --seeds "$SEEDS" --out "$ROOT/$name" --resume --device cpu "${EXTRA_FLAGS[@]}" \
+    > "$ROOT/logs/$name.log" 2>&1 || { echo "FAILED: $name (see $ROOT/logs/$name.log)" >&2;
+                                       tail -5 "$ROOT/logs/$name.log" >&2; exit 1; }
+  grep -h "^test accuracy" "$ROOT/logs/$name.log" | sed "s/^/  $name: /" || true
+}
+
+# vote_seeds EXP OUT: the soft vote of EXP's seeds (weights fitted on validation), saved as a run
+vote_seeds() {
+  local exp=$1 out=$2 members=() seed
+  for seed in ${SEEDS//,/ }; do members+=("$exp/seed$seed"); done
+  [ -f "$out/metrics.json" ] && return 0
+  echo "$(date +%T) vote of $exp -> $out"
+  local log
+  log="$ROOT/logs/$(basename "$out").log"
+  python vote.py --runs "${members[@]}" --out "$out" --device cpu > "$log" 2>&1 \
+    || { echo "FAILED: vote (see $log)" >&2; exit 1; }
+}
+
+BERT=(train_bert.py --head pooler)
+case "$STAGE" in
+  schedule)
+    for e in 1 3 5 10; do run "pooler_e$e" "${BERT[@]}" "${SMALL[@]}" --epochs "$e"; done ;;
+  methods)
+    E=(--epochs "$EPOCHS")
+    run "pooler_e${EPOCHS}_lr1e-4" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --lr 1e-4
+    run "pooler_e${EPOCHS}_llrd0.9" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --lr 1e-4 --llrd 0.9
+    run "pooler_e${EPOCHS}_reinit2" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --reinit-top 2
+    run "pooler_e${EPOCHS}_rdrop1" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --rdrop 1 ;;
+  distill)
+    # the teacher: the vote of the control's seeds, which learned from the same 2,000 labels
+    vote_seeds "$ROOT/pooler_e$EPOCHS" "$ROOT/ensemble_e$EPOCHS"
+    T=(--teacher "$ROOT/ensemble_e$EPOCHS")
+    run "student_e$EPOCHS" "${BERT[@]}" "${SMALL[@]}" --epochs "$EPOCHS" "${T[@]}"
+    # 8,000 unlabelled rows join the 2,000: one epoch over 10,000 rows takes the optimizer steps
+    # of 5 epochs over 2,000, so pooler_e5 (from `schedule`) is their same-steps control
+    run "unlabeled8000_soft" "${BERT[@]}" "${SMALL[@]}" --epochs 1 "${T[@]}" --unlabeled 8000
+    run "unlabeled8000_pseudo0.9" "${BERT[@]}" "${SMALL[@]}" --epochs 1 "${T[@]}" \
+      --unlabeled 8000 --pseudo-threshold 0.9 ;;
+  large)
+    run "pooler_24k_e2" "${BERT[@]}" --epochs 2
+    vote_seeds "$MEDIUM/$TEACHER_EXP" "$ROOT/ensemble_24k"
+    run "student_24k" "${BERT[@]}" --epochs 1 --teacher "$ROOT/ensemble_24k" ;;
+  *) echo "usage: bash accuracy.sh schedule|methods|distill|large   (see the header)" >&2; exit 2 ;;
+esac
