@@ -11,6 +11,7 @@
     python analyze.py --compare                      # every experiment under runs/, seeds pooled
     python analyze.py --compare runs/study --baseline bert_pooler
     python analyze.py --learning-curve runs/study-quick runs/study-medium --out figures
+    python analyze.py --epochs-curve runs/acc/pooler_e1 runs/acc/pooler_e3 --out figures
     python analyze.py --score-cases runs/study-quick   # today's news for runs made before it
 
 Everything is read from the run folder: config.json (how it was trained), metrics.json (its
@@ -498,6 +499,11 @@ def build_parser():
                              "study folders of several sizes (e.g. runs/study-quick "
                              "runs/study-medium); writes learning_curve.png into --out (default "
                              "runs/)")
+    parser.add_argument("--epochs-curve", nargs="+", metavar="EXPERIMENT",
+                        help="validation and test macro F1 against epochs, from experiments "
+                             "that differ only in --epochs (e.g. runs/acc/pooler_e1 "
+                             "runs/acc/pooler_e3); writes epochs_curve.png into --out "
+                             "(default runs/)")
     parser.add_argument("--score-cases", nargs="+", metavar="RUN",
                         help="score today's news (cases/news_2020s.csv) for the finished runs "
                              "under these folders that lack it (trained before it, or on an "
@@ -556,7 +562,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.compare is not None or args.learning_curve or args.score_cases:  # many runs
+    if (args.compare is not None or args.learning_curve or args.epochs_curve
+            or args.score_cases):  # many runs
         if args.score_cases:
             score_todays_news(args.score_cases, args.device)
         if args.compare is not None:
@@ -564,6 +571,8 @@ def main(argv=None):
                                  args.data, args.seed, args.compare_on)
         if args.learning_curve:
             compare.show_learning_curve(args.learning_curve, args.out or "runs")
+        if args.epochs_curve:
+            compare.show_epochs_curve(args.epochs_curve, args.out or "runs")
         if not any(getattr(args, action) for action in ACTIONS):
             return
     if not any(getattr(args, action) for action in ACTIONS):

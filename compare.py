@@ -459,28 +459,95 @@ def mean_and_spread(f1):
     return np.mean(f1), (np.std(f1, ddof=1) if len(f1) > 1 else 0.0)
 
 
-def plot_learning_curve(curves, path):
+def plot_learning_curve(curves, path, baseline="bert_pooler"):
     """Test macro F1 against training rows (log scale), one line per experiment: the mean over
-    seeds, a bar of ±1 std. Experiments measured at one size only are dots."""
-    fig, ax = plt.subplots(figsize=(COMPARE_WIDTH, 6))
-    for k, (name, by_study) in enumerate(sorted(curves.items())):
-        points = sorted(by_study.values())
-        rows = [r for r, _ in points]
-        means, stds = zip(*(mean_and_spread(f1) for _, f1 in points))
-        style = "-" if name.startswith(("bert", "lora")) else "--"
-        ax.errorbar(rows, means, yerr=stds, fmt="o" + style, capsize=3, label=name,
-                    color=plt.cm.tab20(k % 20))
-    ax.set_xscale("log")
+    seeds, a bar of ±1 std; experiments measured at one size only are dots. Where the baseline was
+    measured, a second panel draws each experiment's mean minus the baseline's at each size: a
+    conclusion that changes with data is a line that crosses 0. Lines more than 5 points from the
+    baseline (the from-scratch LSTMs at 2,000 rows) are left out of that panel, which would
+    otherwise be all scale."""
+    base = {study: np.mean(f1) for study, (_, f1) in curves.get(baseline, {}).items()}
+    fig, axes = plt.subplots(1, 2 if base else 1, figsize=(COMPARE_WIDTH, 6), squeeze=False)
+    ax = axes[0, 0]
     sizes = sorted({r for by_study in curves.values() for r, _ in by_study.values()})
-    ax.set_xticks(sizes, [f"{s:,}" for s in sizes])
-    ax.minorticks_off()
-    ax.set_xlabel("training rows (log scale)")
+    for k, (name, by_study) in enumerate(sorted(curves.items())):
+        style, color = ("-" if name.startswith(("bert", "lora")) else "--"), plt.cm.tab20(k % 20)
+        points = sorted(by_study.values())
+        means, stds = zip(*(mean_and_spread(f1) for _, f1 in points))
+        ax.errorbar([r for r, _ in points], means, yerr=stds, fmt="o" + style, capsize=3,
+                    label=name, color=color)
+        gaps = sorted((rows, np.mean(f1) - base[study])
+                      for study, (rows, f1) in by_study.items() if study in base)
+        if base and name != baseline and gaps and max(abs(g) for _, g in gaps) < 0.05:
+            axes[0, 1].plot([r for r, _ in gaps], [100 * g for _, g in gaps], "o" + style,
+                            color=color, label=name)
     ax.set_ylabel("test macro F1 (mean ± std over seeds)")
-    ax.set_title("Which conclusions change with data: the study's experiments at each size")
-    ax.grid(alpha=0.3)
+    ax.set_title("The study's experiments at each size")
     ax.legend(fontsize=8, ncol=2, loc="lower right")
+    if base:
+        right = axes[0, 1]
+        right.axhline(0, color="black", lw=1, ls=":", label=f"{baseline} (0)")
+        right.set_ylabel(f"mean macro F1 minus {baseline}'s (points)")
+        right.set_title(f"Against {baseline}: crossing 0 = a changed conclusion")
+        right.legend(fontsize=8, loc="best")
+    for axis in axes[0]:
+        axis.set_xscale("log")
+        axis.set_xticks(sizes, [f"{s:,}" for s in sizes])
+        axis.minorticks_off()
+        axis.set_xlabel("training rows (log scale)")
+        axis.grid(alpha=0.3)
     fig.tight_layout()
     return common.save_figure(fig, path)
+
+
+SPLITS = ("val", "test")  # the epochs curve: where the length is chosen, where it is reported
+
+
+def epochs_curve(paths):
+    """{training rows: {epochs: {"val": [macro F1 of each seed], "test": [...]}}} of the
+    experiments among the given folders, e.g. runs/acc/pooler_e1 ... pooler_e10: the caller names
+    experiments that differ only in --epochs (and the training rows, one line each)."""
+    curve = {}
+    for path in paths:
+        for experiment in gather_experiments([path]):
+            config = common.load_json(experiment.runs[0] / "config.json")
+            epochs = config["args"]["epochs"]
+            rows = training_rows(experiment.runs[0])
+            curve.setdefault(rows, {})[epochs] = {
+                split: [m[split]["macro_f1"] for m in experiment.metrics] for split in SPLITS}
+    return curve
+
+
+
+def show_epochs_curve(paths, out_dir):
+    """Print macro F1 against epochs as a table, validation (where the length is chosen) beside
+    test; write epochs_curve.png into out_dir: a line per training size, validation solid, test
+    dashed, ±1 std over seeds as bars."""
+    curve = epochs_curve(paths)
+    print("\n| training rows | epochs | seeds | validation macro F1 | test macro F1 |")
+    print("| ---: | ---: | ---: | --- | --- |")
+    fig, ax = plt.subplots(figsize=(COMPARE_WIDTH, 5))
+    for k, (rows, by_epochs) in enumerate(sorted(curve.items())):
+        epochs = sorted(by_epochs)
+        for split, style in zip(SPLITS, ("-", "--")):
+            means, stds = zip(*(mean_and_spread(by_epochs[e][split]) for e in epochs))
+            ax.errorbar(epochs, means, yerr=stds, fmt="o" + style, capsize=3,
+                        color=plt.cm.tab10(k), label=f"{rows:,} rows, {split}")
+        for e in epochs:
+            cells = [f"{m:.4f} ± {sd:.4f}" for m, sd in
+                     (mean_and_spread(by_epochs[e][split]) for split in SPLITS)]
+            print(f"| {rows:,} | {e} | {len(by_epochs[e]['val'])} | {cells[0]} | {cells[1]} |")
+    every = sorted({e for by_epochs in curve.values() for e in by_epochs})
+    ax.set_xscale("log")
+    ax.set_xticks(every, [str(e) for e in every])
+    ax.minorticks_off()
+    ax.set_xlabel("epochs (log scale; the run keeps its best validation epoch)")
+    ax.set_ylabel("macro F1 (mean ± std over seeds)")
+    ax.set_title("How long to train: choose on validation (solid), report test (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return common.save_figure(fig, Path(out_dir) / "epochs_curve.png")
 
 
 def show_learning_curve(paths, out_dir):

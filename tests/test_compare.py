@@ -355,6 +355,33 @@ def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path, ca
     assert "24,175 rows" in pooler_row.split(" | ")[1]
 
 
+def test_the_epochs_curve_has_a_point_per_length_and_both_splits(tmp_path, capsys):
+    """Three experiments that differ only in --epochs (two at 2,000 rows, one at 24,175): a line
+    per size, each point the seeds' validation and test macro F1 as their metrics say; the table
+    and the PNG are written."""
+    scores = {(2000, 1): ([0.80, 0.82], [0.79, 0.81]), (2000, 3): ([0.90, 0.91], [0.88, 0.89]),
+              (24175, 1): ([0.92, 0.93], [0.91, 0.92])}
+    folders = []
+    for (rows, epochs), (val, test) in scores.items():
+        folder = tmp_path / f"pooler_{rows}_e{epochs}"
+        folders.append(folder)
+        for seed in (0, 1):
+            run = folder / f"seed{seed}"
+            common.save_json(run / "config.json", {"script": "train_bert", "args": {
+                "seed": seed, "epochs": epochs, "train_size": rows}})
+            common.save_json(run / "metrics.json", {
+                "rows": {"train": rows, "val": 10, "test": 20},
+                "fingerprints": {"val": f"v{rows}", "test": "t"},
+                "val": {"macro_f1": val[seed]}, "test": {"macro_f1": test[seed]}})
+    curve = compare.epochs_curve(folders)
+    assert curve == {rows: {e: {"val": v, "test": t} for (r, e), (v, t) in scores.items()
+                            if r == rows} for rows in (2000, 24175)}
+    path = compare.show_epochs_curve(folders, tmp_path)
+    assert Image.open(path).size[0] > 500
+    table = capsys.readouterr().out
+    assert "| 2,000 | 3 | 2 | 0.9050 ± 0.0071 | 0.8850 ± 0.0071 |" in table
+
+
 @needs_rows
 def test_compare_on_val_tables_the_validation_split_where_settings_are_chosen(tiny_lstm_run,
                                                                                tmp_path, capsys):
