@@ -1,7 +1,8 @@
 """accuracy.sh, issue 21's runs in stages: on a tiny random BERT and a few rows every stage trains
 what it names (the student's teacher is the vote of the control's seeds), and run again it trains
-nothing (checked for the first stage and the one with a vote and a teacher). What is tested is the script, not the accuracy: tests/test_distill.py, test_fewsample.py
-and test_rdrop.py test the methods."""
+nothing (checked for the first stage and the one with a vote and a teacher). What is tested is the
+script, not the accuracy: tests/test_distill.py, test_fewsample.py and test_rdrop.py test the
+methods."""
 import os
 import subprocess
 from pathlib import Path
