@@ -49,7 +49,7 @@ def test_every_stage_runs_then_resumes_to_nothing(tmp_path, tiny_model):
     root = tmp_path / "acc"
     for stage, names in STAGES.items():
         # --unlabeled only where a teacher speaks for the rows (the other stages refuse it)
-        extra = TINY if stage in ("distill", "large") else TINY.rsplit(" --unlabeled", 1)[0]
+        extra = TINY if stage == "distill" else TINY.rsplit(" --unlabeled", 1)[0]
         done = accuracy(tmp_path, tiny_model, stage, extra)
         assert done.returncode == 0, stage + done.stdout[-3000:] + done.stderr[-3000:]
         for name in names:
@@ -66,7 +66,7 @@ def test_every_stage_runs_then_resumes_to_nothing(tmp_path, tiny_model):
 
     mtimes = {p: p.stat().st_mtime for p in root.rglob("metrics.json")}
     for stage in ("schedule", "distill"):   # the first stage, and the one with a vote and a teacher
-        extra = TINY if stage in ("distill", "large") else TINY.rsplit(" --unlabeled", 1)[0]
+        extra = TINY if stage == "distill" else TINY.rsplit(" --unlabeled", 1)[0]
         again = accuracy(tmp_path, tiny_model, stage, extra)
         assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes            # nothing trained again

@@ -176,9 +176,12 @@ def test_the_command_prints_its_address_and_ctrl_c_stops_it(two_runs, tmp_path):
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, str(root / "serve.py"), "--runs", *map(str, two_runs), "--port", "0",
                "--device", "cpu"]
+    # As from a terminal: a test run started in the background of a non-interactive shell has
+    # SIGINT ignored, and a child that inherits that never sees the Ctrl-C this test sends.
     process = subprocess.Popen(command, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "AGNEWS_DIR": str(AGNEWS_DIR)})
+                               env={**os.environ, "AGNEWS_DIR": str(AGNEWS_DIR)},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in process.stdout:  # until the address is printed
         lines.append(line)
