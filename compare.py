@@ -518,7 +518,6 @@ def epochs_curve(paths):
     return curve
 
 
-
 def show_epochs_curve(paths, out_dir):
     """Print macro F1 against epochs as a table, validation (where the length is chosen) beside
     test; write epochs_curve.png into out_dir: a line per training size, validation solid, test
@@ -529,13 +528,14 @@ def show_epochs_curve(paths, out_dir):
     fig, ax = plt.subplots(figsize=(COMPARE_WIDTH, 5))
     for k, (rows, by_epochs) in enumerate(sorted(curve.items())):
         epochs = sorted(by_epochs)
+        # {split: [(mean, std) at each length]}
+        stats = {split: [mean_and_spread(by_epochs[e][split]) for e in epochs] for split in SPLITS}
         for split, style in zip(SPLITS, ("-", "--")):
-            means, stds = zip(*(mean_and_spread(by_epochs[e][split]) for e in epochs))
+            means, stds = zip(*stats[split])
             ax.errorbar(epochs, means, yerr=stds, fmt="o" + style, capsize=3,
                         color=plt.cm.tab10(k), label=f"{rows:,} rows, {split}")
-        for e in epochs:
-            cells = [f"{m:.4f} ± {sd:.4f}" for m, sd in
-                     (mean_and_spread(by_epochs[e][split]) for split in SPLITS)]
+        for i, e in enumerate(epochs):
+            cells = [f"{stats[split][i][0]:.4f} ± {stats[split][i][1]:.4f}" for split in SPLITS]
             print(f"| {rows:,} | {e} | {len(by_epochs[e]['val'])} | {cells[0]} | {cells[1]} |")
     every = sorted({e for by_epochs in curve.values() for e in by_epochs})
     ax.set_xscale("log")

@@ -312,13 +312,14 @@ def classify(members, texts, runtime):
     """Each member's probabilities (N, 4) for the texts, through the member's own tokenizer."""
     probs = []
     for run, model, tokenizer, max_len in members:
+        ids = common.encode(tokenizer, texts, max_len)
         common.note_long_texts(tokenizer, texts, max_len, reader=str(run))
-        for i, row in enumerate(common.encode(tokenizer, texts, max_len)):
+        for i, row in enumerate(ids):
             if len(row) == 0:
                 raise common.UserError(f"text {i + 1} ({texts[i][:40]!r}) has no tokens in the "
                                        f"vocabulary of {run}")
-        probs.append(common.predict_texts(model, tokenizer, max_len, texts, runtime,
-                                          desc="classifying"))
+        probs.append(common.predict(model, common.Encoded(ids, np.zeros(len(ids), dtype=np.int64)),
+                                    runtime, desc="classifying"))
     return probs
 
 
