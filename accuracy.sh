@@ -4,6 +4,8 @@
 #   bash accuracy.sh schedule   # 2,000 rows: full fine-tuning (pooler) at 1, 3, 5, 10 epochs
 #   bash accuracy.sh methods    # 2,000 rows, $EPOCHS epochs: peak rate 1e-4, LLRD 0.9 (at 1e-4),
 #                               # re-init of the top 2 layers, R-Drop 1
+#   bash accuracy.sh heads      # 2,000 rows, $EPOCHS epochs: the head (mean pooling, the one
+#                               # MiniLM was trained for; mlp_res; textcnn) and LoRA r 8
 #   bash accuracy.sh distill    # 2,000 rows: the seeds' vote as teacher; a student of it; 8,000
 #                               # unlabelled rows as soft targets, and pseudo-labelled at p >= 0.9
 #   bash accuracy.sh large      # every training row (24,175): what survived at 2,000 rows, the
@@ -64,6 +66,12 @@ case "$STAGE" in
     run "pooler_e${EPOCHS}_llrd0.9" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --lr 1e-4 --llrd 0.9
     run "pooler_e${EPOCHS}_reinit2" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --reinit-top 2
     run "pooler_e${EPOCHS}_rdrop1" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --rdrop 1 ;;
+  heads)
+    E=(--epochs "$EPOCHS")
+    for head in mean mlp_res textcnn; do
+      run "${head}_e$EPOCHS" train_bert.py --head "$head" "${SMALL[@]}" "${E[@]}"
+    done
+    run "lora_r8_e$EPOCHS" train_lora.py --r 8 "${SMALL[@]}" "${E[@]}" ;;
   distill)
     # the teacher: the vote of the control's seeds, which learned from the same 2,000 labels
     vote_seeds "$ROOT/pooler_e$EPOCHS" "$ROOT/ensemble_e$EPOCHS"
@@ -79,5 +87,5 @@ case "$STAGE" in
     # control), so no 24k student: `--teacher $ROOT/ensemble_24k` would train one.
     run "pooler_24k_e2" "${BERT[@]}" --epochs 2
     vote_seeds "$MEDIUM/$ENSEMBLE_EXP" "$ROOT/ensemble_24k" ;;
-  *) echo "usage: bash accuracy.sh schedule|methods|distill|large   (see the header)" >&2; exit 2 ;;
+  *) echo "usage: bash accuracy.sh schedule|methods|heads|distill|large   (see the header)" >&2; exit 2 ;;
 esac

@@ -280,6 +280,20 @@ class CLSHead(nn.Module):
         return hidden[:, 0]
 
 
+class MeanHead(nn.Module):
+    """mean: the average of the real tokens' states. all-MiniLM-L6-v2 was trained (as a
+    sentence-transformers model) to make this average its sentence vector, so a classifier on it
+    starts from what pretraining shaped; its [CLS] and pooler were never trained for that."""
+
+    def __init__(self, hidden_size, **_):
+        super().__init__()
+        self.out_dim = hidden_size
+
+    def forward(self, hidden, mask, input_ids):
+        weights = mask[..., None].to(hidden.dtype)                     # (B, T, 1): 1 = real token
+        return (hidden * weights).sum(1) / weights.sum(1)             # (B, D)
+
+
 class LSTMHead(nn.Module):
     """A BiLSTM over the token states; the last forward and first backward states, concatenated.
     Packing makes each row stop at its own length, so padding never enters the recurrence."""
@@ -364,8 +378,8 @@ class AttnPoolHead(nn.Module):
         return pooled
 
 
-HEADS = {"fc": CLSHead, "lstm": LSTMHead, "textcnn": TextCNNHead, "mlp_res": MLPResHead,
-         "attnpool": AttnPoolHead}
+HEADS = {"fc": CLSHead, "mean": MeanHead, "lstm": LSTMHead, "textcnn": TextCNNHead,
+         "mlp_res": MLPResHead, "attnpool": AttnPoolHead}
 
 # pooler: the pretrained BertPooler, as AutoModelForSequenceClassification uses it
 HEAD_NAMES = ["pooler", *HEADS]

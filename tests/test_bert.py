@@ -161,3 +161,20 @@ def test_every_head_gives_a_row_the_same_logits_alone_or_padded_in_a_batch(head)
         for i, length in enumerate([5, 17, 2]):
             alone = model(input_ids[i: i + 1, :length], mask[i: i + 1, :length])
             assert (alone - batched[i]).abs().max().item() < 1e-5, f"{head}: row {i}"
+
+
+def test_the_mean_head_is_sentence_transformers_mean_pooling_of_minilm():
+    """--head mean is the sentence vector all-MiniLM-L6-v2 was trained to give: the mean of
+    transformers' last hidden states over the real tokens (sentence-transformers' pooling)."""
+    generator = torch.Generator()
+    print(f"input seed {generator.seed()}")  # shown on failure
+    input_ids, mask = padded_batch(30522, [23, 4, 61], generator)
+    model_dir = bert.resolve_model("minilm")
+    ours = bert.BertClassifier(bert.BertModel.from_pretrained(model_dir), head="mean").eval()
+    theirs = transformers.BertModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        features = ours.features(input_ids, mask)
+        hidden = theirs(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+    for i, length in enumerate(mask.sum(1).tolist()):
+        reference = hidden[i, :length].mean(0)              # the real tokens only
+        assert (features[i] - reference).abs().max().item() < TOL[torch.float32], f"row {i}"
