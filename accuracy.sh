@@ -9,8 +9,8 @@
 #   bash accuracy.sh distill    # 2,000 rows: the seeds' vote as teacher; a student of it; 8,000
 #                               # unlabelled rows as soft targets, and pseudo-labelled at p >= 0.9
 #   bash accuracy.sh large      # every training row (24,175): what survived at 2,000 rows, the
-#                               # training length (the pooler for 2 epochs; its control is the
-#                               # medium study's bert_pooler, 1 epoch), and the ensemble of the
+#                               # training length (the pooler for 2, 3 and 4 epochs; their control
+#                               # is the medium study's bert_pooler, 1 epoch), and the ensemble of the
 #                               # medium study's $ENSEMBLE_EXP seeds (reported, not the goal)
 # Between stages, choose on the VALIDATION split only (the test set reports the chosen recipe once):
 #   python analyze.py --compare runs/acc --baseline pooler_e$EPOCHS --compare-on val
@@ -85,7 +85,7 @@ case "$STAGE" in
   large)
     # Distillation did not survive at 2,000 rows (the student was inside the noise of its
     # control), so no 24k student: `--teacher $ROOT/ensemble_24k` would train one.
-    run "pooler_24k_e2" "${BERT[@]}" --epochs 2
+    for e in 2 3 4; do run "pooler_24k_e$e" "${BERT[@]}" --epochs "$e"; done
     vote_seeds "$MEDIUM/$ENSEMBLE_EXP" "$ROOT/ensemble_24k" ;;
   *) echo "usage: bash accuracy.sh schedule|methods|heads|distill|large   (see the header)" >&2; exit 2 ;;
 esac

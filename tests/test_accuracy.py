@@ -21,8 +21,9 @@ TINY = ("--train-size 64 --val-size 120 --test-size 120 --max-len 32 --batch-siz
 STAGES = {
     "schedule": ["pooler_e1", "pooler_e3", "pooler_e5", "pooler_e10"],
     "methods": ["pooler_e1_lr1e-4", "pooler_e1_llrd0.9", "pooler_e1_reinit2", "pooler_e1_rdrop1"],
+    "heads": ["mean_e1", "mlp_res_e1", "textcnn_e1", "lora_r8_e1"],
     "distill": ["ensemble_e1", "student_e1", "unlabeled8000_soft", "unlabeled8000_pseudo0.9"],
-    "large": ["pooler_24k_e2", "ensemble_24k"],
+    "large": ["pooler_24k_e2", "pooler_24k_e3", "pooler_24k_e4", "ensemble_24k"],
 }
 
 
@@ -63,6 +64,8 @@ def test_every_stage_runs_then_resumes_to_nothing(tmp_path, tiny_model):
     assert Path(student["teacher"]) == root / "ensemble_e1"
     pseudo = common.load_json(root / "unlabeled8000_pseudo0.9" / "seed0" / "config.json")["args"]
     assert pseudo["pseudo_threshold"] == 0.9
+    assert common.load_json(root / "mean_e1" / "seed1" / "config.json")["args"]["head"] == "mean"
+    assert common.load_json(root / "lora_r8_e1" / "seed0" / "config.json")["args"]["r"] == 8
 
     mtimes = {p: p.stat().st_mtime for p in root.rglob("metrics.json")}
     for stage in ("schedule", "distill"):   # the first stage, and the one with a vote and a teacher
