@@ -2,16 +2,18 @@
 # How far a 6-layer encoder goes on AG News (issue 21): each method 3 seeds against its control.
 #
 #   bash accuracy.sh schedule   # 2,000 rows: full fine-tuning (pooler) at 1, 3, 5, 10 epochs
-#   bash accuracy.sh methods    # 2,000 rows, $EPOCHS epochs: peak rate 1e-4, LLRD 0.9 (at 1e-4),
-#                               # re-init of the top 2 layers, R-Drop 1
+#   bash accuracy.sh methods    # 2,000 rows, $EPOCHS epochs: warm-up 0 and 20% (the control: 10%),
+#                               # peak rate 1e-4, LLRD 0.9 (at 1e-4), re-init of the top 2 layers,
+#                               # R-Drop 1
 #   bash accuracy.sh heads      # 2,000 rows, $EPOCHS epochs: the head (mean pooling, the one
 #                               # MiniLM was trained for; mlp_res; textcnn) and LoRA r 8
 #   bash accuracy.sh distill    # 2,000 rows: the seeds' vote as teacher; a student of it; 8,000
 #                               # unlabelled rows as soft targets, and pseudo-labelled at p >= 0.9
 #   bash accuracy.sh large      # every training row (24,175): what survived at 2,000 rows, the
-#                               # training length (the pooler for 2, 3 and 4 epochs; their control
-#                               # is the medium study's bert_pooler, 1 epoch), and the ensemble of the
-#                               # medium study's $ENSEMBLE_EXP seeds (reported, not the goal)
+#                               # training length (the pooler for 2, 3 and 4 epochs; their
+#                               # control is the medium study's bert_pooler, 1 epoch), and the
+#                               # ensemble of the medium study's $ENSEMBLE_EXP seeds (reported,
+#                               # not the goal)
 # Between stages, choose on the VALIDATION split only (the test set reports the chosen recipe once):
 #   python analyze.py --compare runs/acc --baseline pooler_e$EPOCHS --compare-on val
 #
@@ -62,6 +64,9 @@ case "$STAGE" in
     for e in 1 3 5 10; do run "pooler_e$e" "${BERT[@]}" "${SMALL[@]}" --epochs "$e"; done ;;
   methods)
     E=(--epochs "$EPOCHS")
+    for w in 0 0.2; do
+      run "pooler_e${EPOCHS}_warmup$w" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --warmup "$w"
+    done
     run "pooler_e${EPOCHS}_lr1e-4" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --lr 1e-4
     run "pooler_e${EPOCHS}_llrd0.9" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --lr 1e-4 --llrd 0.9
     run "pooler_e${EPOCHS}_reinit2" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --reinit-top 2
@@ -87,5 +92,6 @@ case "$STAGE" in
     # control), so no 24k student: `--teacher $ROOT/ensemble_24k` would train one.
     for e in 2 3 4; do run "pooler_24k_e$e" "${BERT[@]}" --epochs "$e"; done
     vote_seeds "$MEDIUM/$ENSEMBLE_EXP" "$ROOT/ensemble_24k" ;;
-  *) echo "usage: bash accuracy.sh schedule|methods|heads|distill|large   (see the header)" >&2; exit 2 ;;
+  *) echo "usage: bash accuracy.sh schedule|methods|heads|distill|large   (see the header)" >&2
+     exit 2 ;;
 esac

@@ -20,7 +20,8 @@ TINY = ("--train-size 64 --val-size 120 --test-size 120 --max-len 32 --batch-siz
         "--unlabeled 64")
 STAGES = {
     "schedule": ["pooler_e1", "pooler_e3", "pooler_e5", "pooler_e10"],
-    "methods": ["pooler_e1_lr1e-4", "pooler_e1_llrd0.9", "pooler_e1_reinit2", "pooler_e1_rdrop1"],
+    "methods": ["pooler_e1_warmup0", "pooler_e1_warmup0.2", "pooler_e1_lr1e-4", "pooler_e1_llrd0.9",
+                "pooler_e1_reinit2", "pooler_e1_rdrop1"],
     "heads": ["mean_e1", "mlp_res_e1", "textcnn_e1", "lora_r8_e1"],
     "distill": ["ensemble_e1", "student_e1", "unlabeled8000_soft", "unlabeled8000_pseudo0.9"],
     "large": ["pooler_24k_e2", "pooler_24k_e3", "pooler_24k_e4", "ensemble_24k"],
@@ -59,6 +60,8 @@ def test_every_stage_runs_then_resumes_to_nothing(tmp_path, tiny_model):
             assert all(common.is_finished(run) for run in runs), name
     config = common.load_json(root / "pooler_e1_llrd0.9" / "seed0" / "config.json")["args"]
     assert (config["llrd"], config["lr"]) == (0.9, 1e-4)
+    assert common.load_json(root / "pooler_e1_warmup0.2" / "seed0" / "config.json")["args"][
+        "warmup"] == 0.2
     assert common.load_json(root / "pooler_e10" / "seed1" / "config.json")["args"]["epochs"] == 10
     student = common.load_json(root / "student_e1" / "seed0" / "config.json")["args"]
     assert Path(student["teacher"]) == root / "ensemble_e1"
