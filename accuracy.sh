@@ -10,8 +10,8 @@
 #   bash accuracy.sh distill    # 2,000 rows: the seeds' vote as teacher; a student of it; 8,000
 #                               # unlabelled rows as soft targets, and pseudo-labelled at p >= 0.9
 #   bash accuracy.sh large      # every training row (24,175): what survived at 2,000 rows, the
-#                               # training length (the pooler for 2, 3 and 4 epochs; their
-#                               # control is the medium study's bert_pooler, 1 epoch), and the
+#                               # training length (the pooler for 2 epochs against the medium
+#                               # study's bert_pooler, 1 epoch; 3 and 4 against 2), and the
 #                               # ensemble of the medium study's $ENSEMBLE_EXP seeds (reported,
 #                               # not the goal)
 # Between stages, choose on the VALIDATION split only (the test set reports the chosen recipe once):

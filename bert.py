@@ -8,7 +8,8 @@ A text arrives as token ids (B, T) with an attention mask (B, T) that is False a
 from_pretrained() loads HuggingFace's model.safetensors through a name map, so MiniLM or bert-base
 weights drop straight in; tests/test_bert.py finds our outputs equal to transformers.BertModel's to
 1e-5 on the same padded batch. Then the heads (the study's pooler, fc, lstm, textcnn, mlp_res and
-attention pooling, whose fused kernel is kernels/attn_pool.py) and BertClassifier = encoder + head.
+attention pooling, whose fused kernel is kernels/attn_pool.py; and mean, MiniLM's own pooling) and
+BertClassifier = encoder + head.
 Read this first; next: loop.py, which trains it.
 """
 import importlib
@@ -282,16 +283,16 @@ class CLSHead(nn.Module):
 
 class MeanHead(nn.Module):
     """mean: the average of the real tokens' states. all-MiniLM-L6-v2 was trained (as a
-    sentence-transformers model) to make this average its sentence vector, so a classifier on it
-    starts from what pretraining shaped; its [CLS] and pooler were never trained for that."""
+    sentence-transformers model) to make this average, L2-normalised, its sentence vector, so a
+    classifier on it starts from what that training shaped; it did not train [CLS] or the pooler."""
 
     def __init__(self, hidden_size, **_):
         super().__init__()
         self.out_dim = hidden_size
 
     def forward(self, hidden, mask, input_ids):
-        weights = mask[..., None].to(hidden.dtype)                     # (B, T, 1): 1 = real token
-        return (hidden * weights).sum(1) / weights.sum(1)             # (B, D)
+        weights = mask[..., None].to(hidden.dtype)          # (B, T, 1): 1 = real token
+        return (hidden * weights).sum(1) / weights.sum(1)  # (B, D)
 
 
 class LSTMHead(nn.Module):

@@ -164,8 +164,8 @@ def test_every_head_gives_a_row_the_same_logits_alone_or_padded_in_a_batch(head)
 
 
 def test_the_mean_head_is_sentence_transformers_mean_pooling_of_minilm():
-    """--head mean is the sentence vector all-MiniLM-L6-v2 was trained to give: the mean of
-    transformers' last hidden states over the real tokens (sentence-transformers' pooling)."""
+    """--head mean is the sentence vector all-MiniLM-L6-v2 was trained to give (before its L2
+    normalisation): the mean of transformers' last hidden states over the real tokens."""
     generator = torch.Generator()
     print(f"input seed {generator.seed()}")  # shown on failure
     input_ids, mask = padded_batch(30522, [23, 4, 61], generator)
