@@ -59,11 +59,11 @@ vote_seeds() {
 }
 
 BERT=(train_bert.py --head pooler)
+E=(--epochs "$EPOCHS")  # the length `schedule` chose, for the stages that compare methods at it
 case "$STAGE" in
   schedule)
     for e in 1 3 5 10; do run "pooler_e$e" "${BERT[@]}" "${SMALL[@]}" --epochs "$e"; done ;;
   methods)
-    E=(--epochs "$EPOCHS")
     for w in 0 0.2; do
       run "pooler_e${EPOCHS}_warmup$w" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --warmup "$w"
     done
@@ -72,7 +72,6 @@ case "$STAGE" in
     run "pooler_e${EPOCHS}_reinit2" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --reinit-top 2
     run "pooler_e${EPOCHS}_rdrop1" "${BERT[@]}" "${SMALL[@]}" "${E[@]}" --rdrop 1 ;;
   heads)
-    E=(--epochs "$EPOCHS")
     for head in mean mlp_res textcnn; do
       run "${head}_e$EPOCHS" train_bert.py --head "$head" "${SMALL[@]}" "${E[@]}"
     done

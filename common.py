@@ -720,11 +720,14 @@ def predict(model, data, runtime, batch_size=128, features=False, desc="scoring"
     return result
 
 
-def predict_texts(model, tokenizer, max_len, texts, runtime, desc="scoring"):
-    """Softmax probabilities (N, 4) of raw texts: encoded by the run's own tokenizer, then
-    predict (the labels are not needed to score)."""
-    ids = encode(tokenizer, texts, max_len)
+def predict_ids(model, ids, runtime, desc="scoring"):
+    """Softmax probabilities (N, 4) of encoded texts without labels (none are needed to score)."""
     return predict(model, Encoded(ids, np.zeros(len(ids), dtype=np.int64)), runtime, desc=desc)
+
+
+def predict_texts(model, tokenizer, max_len, texts, runtime, desc="scoring"):
+    """Softmax probabilities (N, 4) of raw texts, encoded by the run's own tokenizer."""
+    return predict_ids(model, encode(tokenizer, texts, max_len), runtime, desc=desc)
 
 
 def evaluate(probs, labels):

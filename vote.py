@@ -318,8 +318,7 @@ def classify(members, texts, runtime):
             if len(row) == 0:
                 raise common.UserError(f"text {i + 1} ({texts[i][:40]!r}) has no tokens in the "
                                        f"vocabulary of {run}")
-        probs.append(common.predict(model, common.Encoded(ids, np.zeros(len(ids), dtype=np.int64)),
-                                    runtime, desc="classifying"))
+        probs.append(common.predict_ids(model, ids, runtime, desc="classifying"))
     return probs
 
 
