@@ -8,7 +8,8 @@
 #   bash accuracy.sh heads      # 2,000 rows, $EPOCHS epochs: the head (mean pooling, the one
 #                               # MiniLM was trained for; mlp_res; textcnn) and LoRA r 8
 #   bash accuracy.sh distill    # 2,000 rows: the seeds' vote as teacher; a student of it; 8,000
-#                               # unlabelled rows as soft targets, and pseudo-labelled at p >= 0.9
+#                               # unlabelled rows as soft targets, pseudo-labelled at p >= 0.9,
+#                               # and as soft targets for a noisy student (one EDA copy a row)
 #   bash accuracy.sh large      # every training row (24,175): what survived at 2,000 rows, the
 #                               # training length (the pooler for 2 epochs against the medium
 #                               # study's bert_pooler, 1 epoch; 3 and 4 against 2), and the
@@ -85,7 +86,11 @@ case "$STAGE" in
     # of 5 epochs over 2,000, so pooler_e5 (from `schedule`) is their same-steps control
     run "unlabeled8000_soft" "${BERT[@]}" "${SMALL[@]}" --epochs 1 "${T[@]}" --unlabeled 8000
     run "unlabeled8000_pseudo0.9" "${BERT[@]}" "${SMALL[@]}" --epochs 1 "${T[@]}" \
-      --unlabeled 8000 --pseudo-threshold 0.9 ;;
+      --unlabeled 8000 --pseudo-threshold 0.9
+    # a noisy student (distill.py): each of the 10,000 rows and one EDA copy of it, the copy with
+    # its original's soft targets; 1 epoch over 20,000 rows takes the steps of pooler_e10
+    run "unlabeled8000_soft_eda1" "${BERT[@]}" "${SMALL[@]}" --epochs 1 "${T[@]}" \
+      --unlabeled 8000 --eda --eda-n 1 ;;
   large)
     # Distillation did not survive at 2,000 rows (the student was inside the noise of its
     # control), so no 24k student: `--teacher $ROOT/ensemble_24k` would train one.

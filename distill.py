@@ -20,6 +20,12 @@ them only the teacher speaks. Two ways:
 Their labels are dropped where the rows are drawn (`unlabeled_rows`: UNLABELED, -1, for every row)
 and never read again; a pseudo-label is the teacher's argmax, never the file's.
 
+A noisy student (Xie et al. 2020, "Self-training with Noisy Student"): with `--eda` too, the
+student learns from EDA copies of every row (labelled and not) while the teacher read the clean
+text; each copy inherits its original's label (or UNLABELED) and teacher's probabilities. The
+student must then give the clean row's answer to a perturbed row, a harder task than copying the
+teacher on the rows it saw, which is where Xie et al. found the student's gain over its teacher.
+
 The teacher (`--teacher DIR`) is a finished run or a vote saved by `vote.py --out` (its members and
 fitted weights). It must have learned from exactly the student's labelled rows (same fingerprint):
 a teacher trained on more labels would smuggle them in. Its probabilities are computed once, at the
@@ -168,9 +174,6 @@ def attach_teacher(args, splits, data_dir, runtime):
     if args.pseudo_threshold is not None and not args.unlabeled:
         raise common.UserError("--pseudo-threshold chooses among --unlabeled rows: give "
                                "--unlabeled N too")
-    if getattr(args, "eda", False):
-        raise common.UserError("--teacher with --eda: choose one (the teacher has not seen the "
-                               "EDA copies)")
     members = teacher_members(teacher)
     train = splits["train"]
     check_same_rows(members, train)

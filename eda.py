@@ -110,9 +110,9 @@ def eda_copies(text, synonyms, n, alpha, rng):
 
 def augment_split(split, synonyms, n, alpha, seed, ops=None):
     """A new Split: the rows of `split`, then n EDA copies of each (row 0's, then row 1's, ...),
-    every copy with its original's label: len(split) * (n + 1) rows. Deterministic by seed: one
-    random.Random(seed) draws everything, row after row. A list passed as `ops` receives each copy's
-    operation name."""
+    every copy with its original's label and teacher's probabilities (distill.py: the teacher read
+    the clean text): len(split) * (n + 1) rows. Deterministic by seed: one random.Random(seed)
+    draws everything, row after row. A list passed as `ops` receives each copy's operation name."""
     rng = random.Random(seed)
     texts, originals = list(split.texts), []
     for i, text in enumerate(split.texts):
@@ -121,8 +121,10 @@ def augment_split(split, synonyms, n, alpha, seed, ops=None):
             originals.append(i)
             if ops is not None:
                 ops.append(op)
-    return common.Split(texts, np.concatenate([split.labels,
-                                               split.labels[np.array(originals, dtype=np.int64)]]))
+    originals = np.array(originals, dtype=np.int64)
+    soft = None if split.soft is None else np.concatenate([split.soft, split.soft[originals]])
+    return common.Split(texts, np.concatenate([split.labels, split.labels[originals]]),
+                        soft=soft)
 
 
 # The paper's synonyms come from WordNet. There is no WordNet and no internet here, so ours come

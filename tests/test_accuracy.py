@@ -23,7 +23,8 @@ STAGES = {
     "methods": ["pooler_e1_warmup0", "pooler_e1_warmup0.2", "pooler_e1_lr1e-4", "pooler_e1_llrd0.9",
                 "pooler_e1_reinit2", "pooler_e1_rdrop1"],
     "heads": ["mean_e1", "mlp_res_e1", "textcnn_e1", "lora_r8_e1"],
-    "distill": ["ensemble_e1", "student_e1", "unlabeled8000_soft", "unlabeled8000_pseudo0.9"],
+    "distill": ["ensemble_e1", "student_e1", "unlabeled8000_soft", "unlabeled8000_pseudo0.9",
+                "unlabeled8000_soft_eda1"],
     "large": ["pooler_24k_e2", "pooler_24k_e3", "pooler_24k_e4", "ensemble_24k"],
 }
 
@@ -67,6 +68,10 @@ def test_every_stage_runs_then_resumes_to_nothing(tmp_path, tiny_model):
     assert Path(student["teacher"]) == root / "ensemble_e1"
     pseudo = common.load_json(root / "unlabeled8000_pseudo0.9" / "seed0" / "config.json")["args"]
     assert pseudo["pseudo_threshold"] == 0.9
+    noisy = common.load_json(root / "unlabeled8000_soft_eda1" / "seed1" / "config.json")["args"]
+    assert (noisy["eda"], noisy["eda_n"], noisy["unlabeled"]) == (True, 1, 64)
+    assert common.load_json(root / "unlabeled8000_soft_eda1" / "seed1" / "metrics.json")["rows"][
+        "train"] == 2 * (64 + 64)
     assert common.load_json(root / "mean_e1" / "seed1" / "config.json")["args"]["head"] == "mean"
     assert common.load_json(root / "lora_r8_e1" / "seed0" / "config.json")["args"]["r"] == 8
 

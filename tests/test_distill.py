@@ -1,7 +1,8 @@
 """distill.py: the distillation loss on a case computed by hand; a student trained with alpha 1 and
 T 1 on a fixed teacher reproduces the teacher's probabilities on its training rows; unlabelled rows
 carry no label of the file (a pseudo-label is the teacher's class); a teacher trained on other
-rows, or unlabelled rows without a teacher, are refused in one line; train_lstm.py runs with it."""
+rows, or unlabelled rows without a teacher, are refused in one line; a noisy student's EDA copies
+carry their originals' labels and teacher probabilities; train_lstm.py runs with it."""
 import argparse
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 import bert
 import common
 import distill
+import eda
 import loop
 import run
 import train_lstm
@@ -121,6 +123,31 @@ def test_unlabelled_rows_carry_no_label_and_pseudo_labels_are_the_teachers(tiny_
 
 
 @needs_rows
+@pytest.mark.parametrize("pseudo_threshold", [None, 0.4])
+def test_a_noisy_students_eda_copies_carry_their_originals_label_and_teacher(tiny_lstm_run,
+                                                                             pseudo_threshold):
+    """--teacher --unlabeled --eda, through start_run's two hooks in their order: every row, the
+    unlabelled ones too, gets an EDA copy with its original's teacher probabilities (the teacher
+    read the clean text) and its label: the file's, a pseudo-label, or UNLABELED."""
+    splits = common.load_ag_news(AGNEWS_DIR, train_size=1000, val_size=200, test_size=200)
+    args = argparse.Namespace(teacher=str(tiny_lstm_run), unlabeled=300,
+                              pseudo_threshold=pseudo_threshold, distill_alpha=0.5, distill_t=2.0,
+                              eda=True, eda_n=1, eda_alpha=0.1, eda_threshold=eda.EDA_THRESHOLD,
+                              seed=0, model="minilm")
+    taught = distill.attach_teacher(args, splits, AGNEWS_DIR, CPU)["train"]
+    noisy = eda.augment_train_split(args, {"train": taught}, CPU)["train"]
+    n = len(taught)
+    assert len(noisy) == 2 * n and 1000 < n <= 1300
+    originals, copies = noisy.subset(np.arange(n)), noisy.subset(np.arange(n, 2 * n))
+    assert originals.texts == taught.texts and np.array_equal(originals.soft, taught.soft)
+    np.testing.assert_array_equal(copies.soft, taught.soft)
+    np.testing.assert_array_equal(copies.labels, taught.labels)
+    assert (copies.labels[1000:] == (distill.UNLABELED if pseudo_threshold is None else
+                                     taught.soft[1000:].argmax(1))).all()
+    assert sum(a != b for a, b in zip(copies.texts, taught.texts)) > 0.9 * n  # edited copies
+
+
+@needs_rows
 def test_a_teacher_of_other_rows_and_unlabelled_rows_without_a_teacher_are_refused(
         tiny_lstm_run):
     splits = common.load_ag_news(AGNEWS_DIR, train_size=900, val_size=200, test_size=200)
@@ -134,11 +161,12 @@ def test_a_teacher_of_other_rows_and_unlabelled_rows_without_a_teacher_are_refus
 
 
 @needs_rows
-def test_train_lstm_learns_from_a_teacher_and_unlabelled_rows(tiny_lstm_run, tmp_path):
+@pytest.mark.parametrize("noise", [[], ["--eda", "--eda-n", "1"]], ids=["clean", "noisy"])
+def test_train_lstm_learns_from_a_teacher_and_unlabelled_rows(tiny_lstm_run, tmp_path, noise):
     out = tmp_path / "student"
     train_lstm.main([*TINY_LSTM_ARGS, "--data", str(AGNEWS_DIR), "--out", str(out), "--epochs",
-                     "1", "--teacher", str(tiny_lstm_run), "--unlabeled", "100"])
+                     "1", "--teacher", str(tiny_lstm_run), "--unlabeled", "100", *noise])
     metrics = common.load_json(out / "metrics.json")
-    assert metrics["rows"]["train"] == 1100
+    assert metrics["rows"]["train"] == 1100 * (2 if noise else 1)
     assert common.load_json(out / "config.json")["args"]["teacher"] == str(tiny_lstm_run)
     assert metrics["test"]["accuracy"] > 0.4
