@@ -27,10 +27,11 @@ of whole words beside them), why two similar texts get different classes (--cont
 training converge (--curves). Across runs: which experiment is better, by how much, and is the
 difference more than seed and test-set noise (--compare)?
 
-This file is the tool; the lessons it calls have files of their own: explain.py (--attribution,
---shap, --contrast: integrated gradients by hand, and the figures), shapley.py (Shapley values of
-words, by hand) and compare.py (--compare: seeds, the paired bootstrap, McNemar). None of them
-imports this file.
+This file is the tool; the lessons it calls have files of their own: mixup_words.py (--tfidf:
+the words behind the mix-ups, the penalty list), explain.py (--attribution, --shap, --contrast:
+integrated gradients by hand, and the figures), shapley.py (Shapley values of words, by hand),
+compare.py (--compare: seeds, the paired bootstrap, McNemar) and learning_curves.py
+(--learning-curve, --epochs-curve). None of them imports this file.
 """
 import argparse
 import os
@@ -43,28 +44,29 @@ matplotlib.use("Agg")  # files only, no display: must be chosen before pyplot is
 import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.decomposition import PCA
-from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix, f1_score
 
-import bert
+import agnews
 import common
 import compare
 import explain
 import flags
+import learning_curves
+import mixup_words
+import runfolders
 import shapley
 
 # --------------------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------------------
 # The figure helper (save_figure at a fixed DPI), the figure width WIDE, CLASS_COLOURS and the
-# BUSINESS, SCITECH class indices live in common.py: explain.py and compare.py use them too.
+# BUSINESS, SCITECH class indices live in common.py: explain.py, compare.py and mixup_words.py
+# use them too.
 CONFUSION_SIZE = (12, 5)     # inches: counts | row-normalised rates
 MAP_SIZE = (8, 7)            # one PCA or t-SNE scatter
 CURVES_SIZE = (11, 4.5)      # loss | accuracy and macro F1
 TSNE_PCA_DIMS = 50           # t-SNE runs on the top principal components: much faster, same picture
-# TF-IDF words: letters only (numbers and years are not topics), 2+ of them, English stop words out.
-WORD_PATTERN = r"(?u)\b[^\W\d_]{2,}\b"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ WORD_PATTERN = r"(?u)\b[^\W\d_]{2,}\b"
 def newest_run(root="runs"):
     """The newest finished training run under root (a saved vote has no model: name it with
     --run)."""
-    runs = [run for run in common.find_runs(root) if common.is_finished(run)
+    runs = [run for run in runfolders.find_runs(root) if runfolders.is_finished(run)
             and common.load_json(run / "config.json").get("script") != "vote"]
     if not runs:
         raise common.UserError(f"no finished run under {root}/: pass --run runs/NAME")
@@ -84,12 +86,12 @@ def newest_run_note(run):
     """Which run analyze.py took without --run, and why. After a --seeds run the newest is one seed
     of an experiment (runs/<name>/seed<k>): analysing one seed is right, as each is an ordinary
     run, but the user thinks of runs/<name>, so name its seed folders too."""
-    experiment = common.experiment_folder(run)
+    experiment = runfolders.experiment_folder(run)
     if experiment == Path(run):
         return f"no --run: {run}, the newest finished run; pass --run to choose another"
     seeds = sorted((int(match[1]), folder.name) for folder in experiment.iterdir()
-                   if (match := common.SEED_FOLDER.fullmatch(folder.name))
-                   and common.is_finished(folder))
+                   if (match := runfolders.SEED_FOLDER.fullmatch(folder.name))
+                   and runfolders.is_finished(folder))
     return (f"no --run: {run}, the newest finished run (seed folders of {experiment}: "
             f"{', '.join(name for _, name in seeds)}; pass --run to choose)")
 
@@ -109,12 +111,12 @@ class SavedRun:
 
     @cache
     def split(self, name):
-        return common.load_scored_split(self.dir, name, self.data_dir)
+        return runfolders.load_scored_split(self.dir, name, self.data_dir)
 
     @cache
     def probs_of(self, name):
         """(N, 4) float32, rows in the order of the val or test split."""
-        return common.load_probs(self.dir, name, len(self.split(name)))
+        return runfolders.load_probs(self.dir, name, len(self.split(name)))
 
     @property
     def test(self):
@@ -134,7 +136,7 @@ class SavedRun:
 
     @cached_property
     def model_and_tokenizer(self):
-        model, tokenizer, _ = common.load_run(self.dir, self.runtime.device)
+        model, tokenizer, _ = runfolders.load_run(self.dir, self.runtime.device)
         return model, tokenizer
 
     @property
@@ -217,7 +219,7 @@ def plot_map(points, labels, wrong, title, axis_labels, path):
 
 def show_maps(run, out_dir, methods, sample, seed):
     """methods: a subset of ("pca", "tsne"). Returns the written paths."""
-    rows = common.stratified_indices(run.test.labels, sample, seed)
+    rows = agnews.stratified_indices(run.test.labels, sample, seed)
     features = explain.sentence_features(run, [run.test.texts[i] for i in rows])   # (S, F)
     labels, wrong = run.test.labels[rows], run.preds[rows] != run.test.labels[rows]
     what = f"{run.dir.name}: sentence vectors of {len(rows)} test rows"
@@ -244,118 +246,6 @@ def show_maps(run, out_dir, methods, sample, seed):
         paths.append(plot_map(points, labels, wrong, f"t-SNE, {what}", ("t-SNE 1", "t-SNE 2"),
                               Path(out_dir) / "tsne.png"))
     return paths
-
-
-# --------------------------------------------------------------------------------------------------
-# --tfidf: the words of each confusion, and the penalty word list for the attnpool head
-# --------------------------------------------------------------------------------------------------
-def confused_directions(counts):
-    """(true, predicted) pairs with at least one error: Business<->Sci/Tech first, then by count."""
-    first = [(common.BUSINESS, common.SCITECH), (common.SCITECH, common.BUSINESS)]
-    others = [(t, p) for t in range(common.NUM_CLASSES) for p in range(common.NUM_CLASSES)
-              if t != p and (t, p) not in first and counts[t, p] > 0]
-    return [d for d in first if counts[d] > 0] + sorted(others, key=lambda d: -counts[d])
-
-
-def direction_name(true_class, predicted):
-    return f"{common.CLASS_NAMES[true_class]}->{common.CLASS_NAMES[predicted]}"
-
-
-def is_single_piece(tokenizer, word):
-    """True when the tokenizer keeps `word` whole. The attnpool head penalises every piece of a
-    listed word, so a split word such as 'outsourcing' -> 'outs', '##our', '##cing' would penalise
-    fragments that occur in unrelated words everywhere; an unknown word would penalise every
-    [UNK]."""
-    encoding = tokenizer.encode(word, add_special_tokens=False)
-    unknown = getattr(tokenizer.model, "unk_token", None)
-    return len(encoding.ids) == 1 and encoding.tokens[0] != unknown
-
-
-def top_words(texts, labels, preds, directions, top_k, keep=lambda word: True):
-    """For each (true, predicted) direction: the top_k words by how much more mean TF-IDF weight
-    they carry in the texts misclassified that way than in the texts of the true class classified
-    right, as [(word, weight difference)], skipping words for which keep(word) is False.
-    The contrast matters: ranked by weight alone, a Business text's top words are company, said,
-    million, whatever went wrong; the difference keeps the words that pull it towards Sci/Tech."""
-    vectorizer = TfidfVectorizer(stop_words="english", token_pattern=WORD_PATTERN)
-    weights = vectorizer.fit_transform(texts)                      # (N, V) sparse
-    vocabulary = vectorizer.get_feature_names_out()
-    ranked = {}
-    for true_class, predicted in directions:
-        rows = np.flatnonzero((labels == true_class) & (preds == predicted))
-        if len(rows) == 0:
-            ranked[(true_class, predicted)] = []
-            continue
-        right = np.flatnonzero((labels == true_class) & (preds == true_class))
-        mean = np.asarray(weights[rows].mean(0)).ravel()           # (V,)
-        if len(right):
-            mean -= np.asarray(weights[right].mean(0)).ravel()
-        order = np.argsort(-mean, kind="stable")
-        words = [(vocabulary[i], float(mean[i])) for i in order
-                 if mean[i] > 0 and keep(vocabulary[i])]
-        ranked[(true_class, predicted)] = words[:top_k]
-    return ranked
-
-
-def penalty_tokenizer(config):
-    """The tokenizer of the BERT model whose attnpool head will read the list: the run's own model
-    for a BERT run, else the default model (its uncased vocabulary is bert-base-uncased's)."""
-    model = config["model"] if config.get("script") in ("train_bert", "train_lora") else "minilm"
-    return common.load_tokenizer(bert.resolve_model(model))
-
-
-def plot_words(ranked, counts, path):
-    """One horizontal bar chart of mean TF-IDF weights per direction, stacked."""
-    directions = list(ranked)
-    height = 1 + sum(0.25 * max(len(w), 1) + 0.8 for w in ranked.values())
-    fig, axes = plt.subplots(len(directions), 1, squeeze=False, figsize=(common.WIDE, height),
-                             gridspec_kw={"height_ratios": [max(len(w), 1) + 3
-                                                            for w in ranked.values()]})
-    for ax, direction in zip(axes[:, 0], directions):
-        words = ranked[direction]
-        ax.barh(range(len(words)), [w for _, w in words],
-                color=common.CLASS_COLOURS[direction[1]])
-        ax.set_yticks(range(len(words)), [word for word, _ in words])
-        ax.invert_yaxis()
-        if not words:
-            ax.text(0.5, 0.5, "no text misclassified this way", ha="center", va="center",
-                    transform=ax.transAxes)
-        ax.set_title(f"{direction_name(*direction)}: {counts[direction]} texts, top words by "
-                     f"TF-IDF contrast", fontsize=10)
-    fig.tight_layout()
-    return common.save_figure(fig, path)
-
-
-def show_tfidf(run, out_dir, pairs, top_k, json_path=None, split="val"):
-    """Prints the words of every confused direction; writes the penalty list (Business<->Sci/Tech,
-    or every confused direction with pairs="all") and its bar chart. Returns (word lists, JSON
-    path). The words come from the validation errors by default: a list mined from the test errors
-    would flatter the penalised model's score on that same test set."""
-    rows, preds = run.split(split), run.probs_of(split).argmax(1)
-    counts = confusion_matrix(rows.labels, preds, labels=range(common.NUM_CLASSES))
-    tokenizer = penalty_tokenizer(run.config)
-    directions = confused_directions(counts)
-    print(f"\nconfusions of the {split} split ({len(rows)} rows)")
-    ranked = top_words(rows.texts, rows.labels, preds, directions, top_k,
-                       keep=lambda word: is_single_piece(tokenizer, word))
-    print(f"\ntop {top_k} words of each confusion (mean TF-IDF over the texts misclassified that "
-          f"way, minus over those of the true class classified right; whole words of the tokenizer "
-          f"only):")
-    for direction, words in ranked.items():
-        print(f"\n{direction_name(*direction)}  ({counts[direction]} texts)")
-        print(textwrap.fill("  ".join(f"{word} {weight:.3f}" for word, weight in words), 100,
-                            initial_indent="  ", subsequent_indent="  "))
-
-    listed = [(common.BUSINESS, common.SCITECH), (common.SCITECH, common.BUSINESS)]
-    if pairs == "all":
-        listed += [d for d in directions if d not in listed]
-    penalty_words = {direction_name(*d): [word for word, _ in ranked.get(d, [])] for d in listed}
-    json_path = Path(json_path) if json_path else Path(out_dir) / "penalty_words.json"
-    common.save_json(json_path, penalty_words)
-    print(f"\nwrote {json_path} ({sum(map(len, penalty_words.values()))} words; "
-          f"train with: python train_bert.py --head attnpool --penalty-words {json_path})")
-    plot_words({d: ranked.get(d, []) for d in listed}, counts, Path(out_dir) / "tfidf_words.png")
-    return penalty_words, json_path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,10 +328,10 @@ def score_todays_news(paths, device="auto"):
     Trained runs are loaded and scored; votes are voted again from their members' new scores with
     their own weights. metrics.json keeps its time, so --compare's order of runs is unchanged."""
     import vote
-    cases = common.load_cases()
+    cases = agnews.load_cases()
     runtime = common.setup_runtime(device)
-    runs = sorted({run for path in paths for run in common.find_runs(path)})
-    todo = [run for run in runs if common.load_cases_probs(run, cases) is None]
+    runs = sorted({run for path in paths for run in runfolders.find_runs(path)})
+    todo = [run for run in runs if runfolders.load_cases_probs(run, cases) is None]
     votes = [run for run in todo if common.load_json(run / "config.json").get("script") == "vote"]
     for run in [run for run in todo if run not in votes] + votes:  # members before their votes
         if run in votes:
@@ -452,7 +342,7 @@ def score_todays_news(paths, device="auto"):
                 continue
             probs = today[0]
         else:
-            model, tokenizer, config = common.load_run(run, runtime.device)
+            model, tokenizer, config = runfolders.load_run(run, runtime.device)
             probs = common.predict_texts(model, tokenizer, config["args"]["max_len"],
                                          cases.texts, runtime, desc=f"today's news, {run}")
         metrics_path = run / "metrics.json"
@@ -570,9 +460,9 @@ def main(argv=None):
             compare.show_compare(args.compare or ["runs"], args.out or "runs", args.baseline,
                                  args.data, args.seed, args.compare_on)
         if args.learning_curve:
-            compare.show_learning_curve(args.learning_curve, args.out or "runs")
+            learning_curves.show_learning_curve(args.learning_curve, args.out or "runs")
         if args.epochs_curve:
-            compare.show_epochs_curve(args.epochs_curve, args.out or "runs")
+            learning_curves.show_epochs_curve(args.epochs_curve, args.out or "runs")
         if not any(getattr(args, action) for action in ACTIONS):
             return
     if not any(getattr(args, action) for action in ACTIONS):
@@ -601,7 +491,8 @@ def main(argv=None):
         methods = [m for m in ("pca", "tsne") if getattr(args, m)]
         show_maps(run, out_dir, methods, args.sample, args.seed)
     if args.tfidf:
-        show_tfidf(run, out_dir, args.pairs, args.top_k, args.penalty_json, args.split)
+        mixup_words.show_tfidf(run, out_dir, args.pairs, args.top_k, args.penalty_json,
+                               args.split)
     if args.errors:
         show_errors(run, args.top)
     if args.attribution:

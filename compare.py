@@ -28,13 +28,15 @@ from scipy.special import gammaln, logsumexp
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score
 
+import agnews
 import common
+import runfolders
 
 # --------------------------------------------------------------------------------------------------
 # Experiments: runs grouped by configuration, one run per seed
 # --------------------------------------------------------------------------------------------------
 # One experiment = one configuration; its seeds are runs whose config.json differs only in the seed
-# and bookkeeping (common.experiment_key).
+# and bookkeeping (runfolders.experiment_key).
 BOOTSTRAP_SAMPLES = 2000
 COMPARE_WIDTH = 10           # inches; the height grows with the number of experiments
 
@@ -51,11 +53,11 @@ class Experiment:
         return [common.load_json(run / "metrics.json") for run in self.runs]
 
     def probs(self, rows, split="test"):
-        return [common.load_probs(run, split, rows) for run in self.runs]
+        return [runfolders.load_probs(run, split, rows) for run in self.runs]
 
     def cases_probs(self, cases):
         """Each seed's probabilities on today's news, or None if a seed was not scored on them."""
-        probs = [common.load_cases_probs(run, cases) for run in self.runs]
+        probs = [runfolders.load_cases_probs(run, cases) for run in self.runs]
         return None if any(p is None for p in probs) else probs
 
     @property
@@ -69,16 +71,16 @@ class Experiment:
 def gather_experiments(paths):
     """Finished runs under the given folders (default runs/), scored on the same rows, grouped into
     experiments by config-minus-seed and named after their folder."""
-    runs = sorted({run for path in paths for run in common.find_runs(path)},
+    runs = sorted({run for path in paths for run in runfolders.find_runs(path)},
                   key=lambda run: (run / "metrics.json").stat().st_mtime)
     if not runs:
         raise common.UserError(f"--compare: no finished runs under {', '.join(map(str, paths))}")
-    runs = common.largest_group_on_same_rows(runs, "compared")
+    runs = runfolders.largest_group_on_same_rows(runs, "compared")
     groups, seen = {}, {}
     # Newest first: of two runs of one experiment with one seed, the newer counts.
     for run in reversed(runs):
         config = common.load_json(run / "config.json")
-        key, seed = common.experiment_key(config), common.run_seed(config)
+        key, seed = runfolders.experiment_key(config), runfolders.run_seed(config)
         if (key, seed) in seen:
             print(f"left out: {run} (seed {seed} of the experiment of {seen[key, seed]}, "
                   f"which is newer)")
@@ -87,7 +89,7 @@ def gather_experiments(paths):
         groups.setdefault(key, (config, []))[1].append((seed, run))
     experiments, names = [], set()
     for config, members in groups.values():
-        name = common.experiment_folder(members[0][1]).name
+        name = runfolders.experiment_folder(members[0][1]).name
         while name in names:  # two configurations under one folder name: tell them apart
             name += "'"
         names.add(name)
@@ -272,11 +274,11 @@ def summarise(experiment, labels, cases, split="test"):
 def compare_experiments(experiments, labels, baseline_name=None, seed=0, cases=None,
                         split="test"):
     """Rows of the comparison table, the baseline's first, each against the baseline; on the test
-    set, and on today's news (cases, default common.load_cases()) where the runs were scored on
+    set, and on today's news (cases, default agnews.load_cases()) where the runs were scored on
     them: each experiment's drop from one to the other, and its difference from the baseline.
     split "val": the same table on the validation split, where settings are chosen (no cases)."""
     if split == "test":
-        cases = cases if cases is not None else common.load_cases()
+        cases = cases if cases is not None else agnews.load_cases()
     else:
         cases = None
     if baseline_name is not None:
@@ -380,9 +382,10 @@ def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0, spli
     compare_val.*, the table to choose settings on; every run must share the validation rows)."""
     experiments = gather_experiments(paths)
     first = experiments[0].runs[0]
-    labels = common.load_scored_split(first, split, data_dir).labels
+    labels = runfolders.load_scored_split(first, split, data_dir).labels
     if split != "test":
-        rows_of = {run: common.scored_rows(run, (split,)) for e in experiments for run in e.runs}
+        rows_of = {run: runfolders.scored_rows(run, (split,))
+                   for e in experiments for run in e.runs}
         others = sorted({str(run) for run, rows in rows_of.items() if rows != rows_of[first]})
         if others:
             raise common.UserError(f"--compare-on {split}: these runs were scored on other "
@@ -400,7 +403,7 @@ def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0, spli
             f"({BOOTSTRAP_SAMPLES} resamples; seed k drawn with the baseline's seed k where both "
             f"ran the same seeds); * = the interval excludes 0. McNemar: exact, on the rows each "
             f"experiment's majority of seeds gets right (a tie counts as wrong). Today's news: "
-            f"the {len(common.load_cases()):,} cases of {common.CASES_FILE.name} (2020-2025, "
+            f"the {len(agnews.load_cases()):,} cases of {agnews.CASES_FILE.name} (2020-2025, "
             f"written for this project; '-' for runs scored before it); test - today's news: "
             f"each experiment's loss from the 2004 test set to today's news, both row sets and "
             f"the seeds resampled.")
@@ -419,151 +422,3 @@ def show_compare(paths, out_dir, baseline_name=None, data_dir=None, seed=0, spli
     print(f"wrote {out_dir / f'{stem}.md'}\nwrote {out_dir / f'{stem}.csv'}")
     plot_compare(rows, out_dir / f"{stem}.png")
     return rows
-
-
-# --------------------------------------------------------------------------------------------------
-# The learning curve: the same experiments at several training sizes
-# --------------------------------------------------------------------------------------------------
-def training_rows(run):
-    """How many training rows a finished run learned from; a vote, those of its first member."""
-    metrics = common.load_json(Path(run) / "metrics.json")
-    if "train" in metrics.get("rows", {}):
-        return metrics["rows"]["train"]
-    config = common.load_json(Path(run) / "config.json")
-    if config.get("script") == "vote" and config.get("members"):
-        member = Path(config["members"][0])
-        member_runs = common.find_runs(member) if member.exists() else []
-        if member_runs:
-            return training_rows(member_runs[0])
-    raise common.UserError(f"{run}/metrics.json: no training row count")
-
-
-def learning_curve(paths):
-    """{experiment name: {study folder: (training rows, [test macro F1 of each seed])}} over the
-    given study folders (e.g. runs/study-quick and runs/study-medium), each gathered as --compare
-    gathers one; an experiment keeps its name across folders. With --eda or --unlabeled the rows
-    count the copies or the unlabelled rows too."""
-    curves = {}
-    for path in paths:
-        for experiment in gather_experiments([path]):
-            rows = {training_rows(run) for run in experiment.runs}
-            if len(rows) != 1:
-                raise common.UserError(f"{path}: the seeds of {experiment.name} trained on "
-                                       f"different numbers of rows ({sorted(rows)})")
-            f1 = [m["test"]["macro_f1"] for m in experiment.metrics]
-            curves.setdefault(experiment.name, {})[str(path)] = (rows.pop(), f1)
-    return curves
-
-
-def mean_and_spread(f1):
-    return np.mean(f1), (np.std(f1, ddof=1) if len(f1) > 1 else 0.0)
-
-
-def plot_learning_curve(curves, path, baseline="bert_pooler"):
-    """Test macro F1 against training rows (log scale), one line per experiment: the mean over
-    seeds, a bar of ±1 std; experiments measured at one size only are dots. Where the baseline was
-    measured, a second panel draws each experiment's mean minus the baseline's at each size: a
-    conclusion that changes with data is a line that crosses 0. Lines more than 5 points from the
-    baseline (the from-scratch LSTMs at 2,000 rows) are left out of that panel, which would
-    otherwise be all scale."""
-    base = {study: np.mean(f1) for study, (_, f1) in curves.get(baseline, {}).items()}
-    fig, axes = plt.subplots(1, 2 if base else 1, figsize=(COMPARE_WIDTH, 6), squeeze=False)
-    ax = axes[0, 0]
-    sizes = sorted({r for by_study in curves.values() for r, _ in by_study.values()})
-    for k, (name, by_study) in enumerate(sorted(curves.items())):
-        style, color = ("-" if name.startswith(("bert", "lora")) else "--"), plt.cm.tab20(k % 20)
-        points = sorted(by_study.values())
-        means, stds = zip(*(mean_and_spread(f1) for _, f1 in points))
-        ax.errorbar([r for r, _ in points], means, yerr=stds, fmt="o" + style, capsize=3,
-                    label=name, color=color)
-        gaps = sorted((rows, np.mean(f1) - base[study])
-                      for study, (rows, f1) in by_study.items() if study in base)
-        if base and name != baseline and gaps and max(abs(g) for _, g in gaps) < 0.05:
-            axes[0, 1].plot([r for r, _ in gaps], [100 * g for _, g in gaps], "o" + style,
-                            color=color, label=name)
-    ax.set_ylabel("test macro F1 (mean ± std over seeds)")
-    ax.set_title("The study's experiments at each size")
-    ax.legend(fontsize=8, ncol=2, loc="lower right")
-    if base:
-        right = axes[0, 1]
-        right.axhline(0, color="black", lw=1, ls=":", label=f"{baseline} (0)")
-        right.set_ylabel(f"mean macro F1 minus {baseline}'s (points)")
-        right.set_title(f"Against {baseline}: crossing 0 = a changed conclusion")
-        right.legend(fontsize=8, loc="best")
-    for axis in axes[0]:
-        axis.set_xscale("log")
-        axis.set_xticks(sizes, [f"{s:,}" for s in sizes])
-        axis.minorticks_off()
-        axis.set_xlabel("training rows (log scale)")
-        axis.grid(alpha=0.3)
-    fig.tight_layout()
-    return common.save_figure(fig, path)
-
-
-SPLITS = ("val", "test")  # the epochs curve: where the length is chosen, where it is reported
-
-
-def epochs_curve(paths):
-    """{training rows: {epochs: {"val": [macro F1 of each seed], "test": [...]}}} of the
-    experiments among the given folders, e.g. runs/acc/pooler_e1 ... pooler_e10: the caller names
-    experiments that differ only in --epochs (and the training rows, one line each)."""
-    curve = {}
-    for path in paths:
-        for experiment in gather_experiments([path]):
-            config = common.load_json(experiment.runs[0] / "config.json")
-            epochs = config["args"]["epochs"]
-            rows = training_rows(experiment.runs[0])
-            curve.setdefault(rows, {})[epochs] = {
-                split: [m[split]["macro_f1"] for m in experiment.metrics] for split in SPLITS}
-    return curve
-
-
-def show_epochs_curve(paths, out_dir):
-    """Print macro F1 against epochs as a table, validation (where the length is chosen) beside
-    test; write epochs_curve.png into out_dir: a line per training size, validation solid, test
-    dashed, ±1 std over seeds as bars."""
-    curve = epochs_curve(paths)
-    print("\n| training rows | epochs | seeds | validation macro F1 | test macro F1 |")
-    print("| ---: | ---: | ---: | --- | --- |")
-    fig, ax = plt.subplots(figsize=(COMPARE_WIDTH, 5))
-    for k, (rows, by_epochs) in enumerate(sorted(curve.items())):
-        epochs = sorted(by_epochs)
-        # {split: [(mean, std) at each length]}
-        stats = {split: [mean_and_spread(by_epochs[e][split]) for e in epochs] for split in SPLITS}
-        for split, style in zip(SPLITS, ("-", "--")):
-            means, stds = zip(*stats[split])
-            ax.errorbar(epochs, means, yerr=stds, fmt="o" + style, capsize=3,
-                        color=plt.cm.tab10(k), label=f"{rows:,} rows, {split}")
-        for i, e in enumerate(epochs):
-            cells = [f"{stats[split][i][0]:.4f} ± {stats[split][i][1]:.4f}" for split in SPLITS]
-            print(f"| {rows:,} | {e} | {len(by_epochs[e]['val'])} | {cells[0]} | {cells[1]} |")
-    every = sorted({e for by_epochs in curve.values() for e in by_epochs})
-    ax.set_xscale("log")
-    ax.set_xticks(every, [str(e) for e in every])
-    ax.minorticks_off()
-    ax.set_xlabel("epochs (log scale; the run keeps its best validation epoch)")
-    ax.set_ylabel("macro F1 (mean ± std over seeds)")
-    ax.set_title("How long to train: choose on validation (solid), report test (dashed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return common.save_figure(fig, Path(out_dir) / "epochs_curve.png")
-
-
-def show_learning_curve(paths, out_dir):
-    """Print the curve as a table, a column per study folder in the order given ("-" where the
-    experiment is not in it); write learning_curve.png into out_dir."""
-    curves = learning_curve(paths)
-    print("\n| experiment | " + " | ".join(str(p) for p in paths) + " |")
-    print("| --- |" + " ---: |" * len(paths))
-    for name, by_study in sorted(curves.items()):
-        cells = []
-        for study in map(str, paths):
-            if study not in by_study:
-                cells.append("-")
-                continue
-            rows, f1 = by_study[study]
-            mean, std = mean_and_spread(f1)
-            cells.append(f"{mean:.4f} ± {std:.4f} ({rows:,} rows, {len(f1)} seeds)")
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    return plot_learning_curve(curves, Path(out_dir) / "learning_curve.png")

@@ -43,8 +43,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import agnews
 import common
 import flags
+import runfolders
 
 UNLABELED = -1  # the label of a row whose label the run may not use
 
@@ -93,7 +95,7 @@ def teacher_members(teacher):
     """[(run folder, weight)] of a teacher: a vote folder's members and fitted weights, or one run
     with weight 1."""
     teacher = Path(teacher)
-    if not (teacher / "config.json").exists() or not common.is_finished(teacher):
+    if not (teacher / "config.json").exists() or not runfolders.is_finished(teacher):
         raise common.UserError(f"--teacher {teacher}: not a finished run or vote (config.json and "
                                f"metrics.json); for a --seeds run name one seed<k>/ folder, or "
                                f"vote its seeds with vote.py --out")
@@ -120,7 +122,7 @@ def teacher_probs(members, texts, runtime):
     member reading them through its own tokenizer, as vote.py does."""
     total = np.zeros((len(texts), common.NUM_CLASSES))
     for run, weight in members:
-        model, tokenizer, config = common.load_run(run, runtime.device)
+        model, tokenizer, config = runfolders.load_run(run, runtime.device)
         total += weight * common.predict_texts(model, tokenizer, config["args"]["max_len"], texts,
                                                runtime, desc=f"teacher {run}")
     return total
@@ -139,18 +141,18 @@ def unlabeled_rows(data_dir, labelled, count):
     """`count` rows of the training slice that are not among the labelled rows, drawn with the
     data seed (the same rows for every seed of an experiment), their labels replaced by UNLABELED
     at once: nothing downstream can read them."""
-    pool = common.load_ag_news(data_dir)["train"]
+    pool = agnews.load_ag_news(data_dir)["train"]
     free = np.flatnonzero(~np.isin(pool.ids, labelled.ids))
     if count > len(free):
         raise common.UserError(f"--unlabeled {count}: only {len(free):,} training rows are not "
                                f"labelled rows of this run")
-    chosen = np.sort(np.random.default_rng(common.DATA_SEED).permutation(free)[:count])
-    return common.Split([pool.texts[i] for i in chosen], np.full(count, UNLABELED),
+    chosen = np.sort(np.random.default_rng(agnews.DATA_SEED).permutation(free)[:count])
+    return agnews.Split([pool.texts[i] for i in chosen], np.full(count, UNLABELED),
                         pool.ids[chosen])
 
 
 def concat(a, b):
-    return common.Split(a.texts + b.texts, np.concatenate([a.labels, b.labels]),
+    return agnews.Split(a.texts + b.texts, np.concatenate([a.labels, b.labels]),
                         np.concatenate([a.ids, b.ids]), np.concatenate([a.soft, b.soft]))
 
 
@@ -178,7 +180,7 @@ def attach_teacher(args, splits, data_dir, runtime):
     train = splits["train"]
     check_same_rows(members, train)
     extra = (unlabeled_rows(data_dir, train, args.unlabeled) if args.unlabeled else
-             common.Split([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
+             agnews.Split([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
     # Which teacher it is, recorded with the flags: a resumed run whose teacher folder now holds
     # another model (another vote, retrained members) is refused (loop.ResumePoint compares them).
     args.teacher_fingerprint = teacher_fingerprint(members)

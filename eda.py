@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
+import agnews
 import bert
 import common
 import flags
@@ -123,7 +124,7 @@ def augment_split(split, synonyms, n, alpha, seed, ops=None):
                 ops.append(op)
     originals = np.array(originals, dtype=np.int64)
     soft = None if split.soft is None else np.concatenate([split.soft, split.soft[originals]])
-    return common.Split(texts, np.concatenate([split.labels, split.labels[originals]]),
+    return agnews.Split(texts, np.concatenate([split.labels, split.labels[originals]]),
                         soft=soft)
 
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 from matplotlib.colors import Normalize
 from sklearn.decomposition import PCA
 
+import agnews
 import common
 import shapley
 
@@ -329,7 +330,7 @@ def map_pca(features, seed):
 def fit_map_pca(run, sample, seed):
     """analyze.show_maps' PCA: the same stratified test rows and seed. Returns (rows, 2-D points,
     PCA)."""
-    rows = common.stratified_indices(run.test.labels, sample, seed)
+    rows = agnews.stratified_indices(run.test.labels, sample, seed)
     features = sentence_features(run, [run.test.texts[i] for i in rows])
     points, pca = map_pca(features, seed)                               # (S, 2)
     return rows, points, pca

@@ -49,6 +49,7 @@ import torch
 import bert
 import common
 import flags
+import runfolders
 import train_lora
 
 ADAPTER_DIR = "adapter"
@@ -72,9 +73,9 @@ def check_exportable(run_dir, peft):
     if not (run_dir / "metrics.json").exists():
         raise common.UserError(f"{run_dir}: no metrics.json, so not a finished run; only "
                                f"finished runs export")
-    if not common.is_finished(run_dir):
-        raise common.UserError(f"{run_dir}: holds a resume point ({common.RESUME_FILE}), so the "
-                               f"run is unfinished: finish it with --resume, then export it")
+    if not runfolders.is_finished(run_dir):
+        raise common.UserError(f"{run_dir}: holds a resume point ({runfolders.RESUME_FILE}), so "
+                               f"the run is unfinished: finish it with --resume, then export it")
     config = common.load_json(run_dir / "config.json")
     script = config.get("script")
     if script == "train_lstm":
@@ -301,7 +302,7 @@ def main(argv=None):
         raise common.UserError(f"{out} already exists: pass --force to replace it")
 
     check_exportable(run_dir, args.peft)
-    model, _, config = common.load_run(run_dir)   # a LoRA run comes back merged
+    model, _, config = runfolders.load_run(run_dir)   # a LoRA run comes back merged
     model_dir = bert.resolve_model(config["model"])
     with folder_written_atomically(out, args.force) as tmp:
         write_model(tmp, model.bert, model.classifier.weight, model.classifier.bias, config)

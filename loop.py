@@ -35,6 +35,7 @@ import common
 import distill
 import fewsample
 import rdrop
+import runfolders
 
 
 def train_plain(model, data, args, runtime):
@@ -324,8 +325,8 @@ RESUME_FREE_FLAGS = ("device", "resume", "out", "seeds", "save_every", "log_ever
 
 def changed_flags(then, now):
     """{flag: (its value then, now)} for the flags a resumption would change; a flag the saved run
-    does not know is compared with the value in common.ADDED_FLAGS, the one it ran with."""
-    then = {**common.ADDED_FLAGS, **then}
+    does not know is compared with the value in runfolders.ADDED_FLAGS, the one it ran with."""
+    then = {**runfolders.ADDED_FLAGS, **then}
     return {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
 
 
@@ -363,7 +364,7 @@ class ResumePoint:
     Every process takes part in save() (their RNG states and sums are gathered); rank 0 writes."""
 
     def __init__(self, run_dir, args, model, optimizer, scheduler, scaler, runtime, trainable_only):
-        self.path = Path(run_dir) / common.RESUME_FILE
+        self.path = Path(run_dir) / runfolders.RESUME_FILE
         self.model, self.optimizer, self.scheduler, self.scaler = (
             model, optimizer, scheduler, scaler)
         self.runtime, self.trainable_only = runtime, trainable_only

@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import agnews
 import awp
 import common
 import distill
 import eda
 import flags
 import rdrop
+import runfolders
 
 
 def add_common_args(parser, lr, epochs, batch_size=32):
@@ -99,17 +101,17 @@ def start_run(args, name):
     common.reset_peak_memory(runtime.device)
     common.seed_everything(args.seed)
     # Rank 0 checks and claims the folder; the others write nothing in it.
-    run_dir = common.prepare_run_dir(args, name, claim=runtime.is_main)
+    run_dir = runfolders.prepare_run_dir(args, name, claim=runtime.is_main)
     if runtime.world_size > 1:
         torch.distributed.barrier()  # no rank goes on before rank 0 has claimed the folder
-    data_dir = common.find_data_dir(args.data)
+    data_dir = agnews.find_data_dir(args.data)
     # Recorded (config.json's args), so vote.py and analyze.py find the rows in any shell.
     args.data_dir = str(data_dir.resolve())
-    splits = common.load_ag_news(data_dir, args.train_size, args.test_size, args.val_size)
+    splits = agnews.load_ag_news(data_dir, args.train_size, args.test_size, args.val_size)
     splits = distill.attach_teacher(args, splits, data_dir, runtime)
     splits = eda.augment_train_split(args, splits, runtime)
     # Today's news: scored by finish_run beside the 2004 test set, never trained or chosen on.
-    splits["cases"] = common.load_cases()
+    splits["cases"] = agnews.load_cases()
     return runtime, run_dir, splits, t_start
 
 
@@ -124,18 +126,19 @@ def run_each_seed(args, name, train_one):
         raise common.UserError("under torchrun, pass --out: every process must write to the same "
                                "run folder")
     if args.seeds is None:
-        args.out = str(Path(args.out) if args.out else common.default_run_dir(name, args.resume))
-        with common.no_empty_folders_left(args.out):
+        args.out = str(Path(args.out) if args.out else
+                       runfolders.default_run_dir(name, args.resume))
+        with runfolders.no_half_made_run_left(args.out):
             return train_one(args)
-    base = Path(args.out) if args.out else common.default_run_dir(name, args.resume)
+    base = Path(args.out) if args.out else runfolders.default_run_dir(name, args.resume)
     for seed in args.seeds:
         run_args = copy.copy(args)
-        run_args.seed, run_args.out = seed, str(common.seed_folder(base, seed))
-        if common.is_finished(run_args.out):
+        run_args.seed, run_args.out = seed, str(runfolders.seed_folder(base, seed))
+        if runfolders.is_finished(run_args.out):
             print(f"seed {seed}: {run_args.out} is finished, kept")
             continue
         print(f"seed {seed} of {','.join(map(str, args.seeds))}: {run_args.out}")
-        with common.no_empty_folders_left(run_args.out):
+        with runfolders.no_half_made_run_left(run_args.out):
             train_one(run_args)
 
 
@@ -144,7 +147,7 @@ def finish_run(model, data, splits, runtime, run_dir, config, history, weights_n
     """Reload the best epoch, score val, test and today's news (cases/), print the report, write
     probabilities and metrics, drop the resume point. Every training script ends here."""
     run_dir = Path(run_dir)
-    common.load_checked(model, run_dir / weights_name, trainable_only)
+    runfolders.load_checked(model, run_dir / weights_name, trainable_only)
     t0 = time.perf_counter()
     val_probs = common.predict(model, data["val"], runtime, desc="scoring val")
     test_probs = common.predict(model, data["test"], runtime, desc="scoring test")
@@ -159,7 +162,7 @@ def finish_run(model, data, splits, runtime, run_dir, config, history, weights_n
                "best_epoch": max(history, key=lambda h: h["val_macro_f1"])["epoch"],
                "train_time_s": train_time, "score_time_s": score_time, "wall_time_s": wall,
                "train_samples_per_s": sum(h["train_samples_per_s"] for h in history) / len(history),
-               "rows": {k: len(v) for k, v in splits.items()}, "val_sampling": common.VAL_SAMPLING,
+               "rows": {k: len(v) for k, v in splits.items()}, "val_sampling": agnews.VAL_SAMPLING,
                "fingerprints": {k: v.fingerprint() for k, v in splits.items()},
                "parameters": dict(zip(("total", "trainable"), common.count_parameters(model))),
                "memory": common.peak_memory(runtime.device)}
@@ -170,11 +173,11 @@ def finish_run(model, data, splits, runtime, run_dir, config, history, weights_n
         common.save_npy(run_dir / "cases_probs.npy", cases_probs.astype(np.float32))
         common.save_json(run_dir / "config.json", config)
         common.save_json(run_dir / "metrics.json", metrics)
-        (run_dir / common.RESUME_FILE).unlink(missing_ok=True)
+        (run_dir / runfolders.RESUME_FILE).unlink(missing_ok=True)
         mem = ", ".join(f"{k} {v:.2f}" for k, v in metrics["memory"].items())
         # Training time counts every session of a resumed run; wall time only this session.
         cases = metrics["cases"]
-        print(f"today's news ({len(cases_probs)} cases, {common.CASES_FILE.name}): accuracy "
+        print(f"today's news ({len(cases_probs)} cases, {agnews.CASES_FILE.name}): accuracy "
               f"{cases['accuracy']:.4f}  macro F1 {cases['macro_f1']:.4f}")
         print(f"test accuracy {test['accuracy']:.4f}  macro F1 {test['macro_f1']:.4f}  | training "
               f"{train_time:.1f} s ({metrics['train_samples_per_s']:.1f} samples/s), scoring "

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import agnews
 import common
 import explain
 import flags
@@ -54,7 +55,7 @@ class Lab:
         self.members = vote.load_members(runs, self.runtime.device)
         args = argparse.Namespace(weights=weights, data=data)
         self.weights, self.weights_from = vote.choose_weights(args, runs)
-        self.cases = common.read_cases(cases) if cases else []
+        self.cases = agnews.read_cases(cases) if cases else []
         self.lock = threading.Lock()  # one request at a time through the models
 
     def verdicts(self, texts):
@@ -119,7 +120,7 @@ def checked_text(body, key):
     if len(text) > MAX_CHARS:
         raise BadRequest(f"{key}: {len(text):,} characters; at most {MAX_CHARS:,} (the models read "
                          f"only the first tokens of a text)")
-    text = common.clean_text(text)
+    text = agnews.clean_text(text)
     if not text:
         raise BadRequest(f"{key}: empty text")
     return text

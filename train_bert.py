@@ -8,7 +8,7 @@
 Every weight of the encoder is trained, at a small learning rate (2e-5..5e-5): the pretrained
 features are already good, and a large step would wreck them in the first updates.
 The pieces live in their own files (bert.py: encoder and heads, loop.py: the training loop,
-common.py: data and run folders); this script wires them together.
+agnews.py: the rows, runfolders.py: run folders); this script wires them together.
 """
 import argparse
 from pathlib import Path
@@ -19,13 +19,14 @@ import fewsample
 import flags
 import loop
 import run
+import runfolders
 
 
 def load_model(config, run_dir):
     """Rebuild a saved run of this script: random encoder of the right shape, then the saved
     weights."""
     model, tokenizer = bert.build_bert_classifier(config, pretrained=False, run_dir=run_dir)
-    common.load_checked(model, Path(run_dir) / "model.safetensors")
+    runfolders.load_checked(model, Path(run_dir) / "model.safetensors")
     return model, tokenizer
 
 

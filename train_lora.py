@@ -18,7 +18,7 @@ Why it saves less time than parameters: the backward pass must still carry activ
 matmuls (dL/dW) of the frozen layers are skipped, about 1/3 of the training FLOPs.
 
 The pieces live in their own files (bert.py: encoder and heads, loop.py: the training loop,
-common.py: data and run folders); this script adds LoRA on top of them.
+agnews.py: the rows, runfolders.py: run folders); this script adds LoRA on top of them.
 """
 import argparse
 import math
@@ -35,8 +35,9 @@ import fewsample
 import flags
 import loop
 import run
+import runfolders
 
-# --targets value -> the nn.Linear it names inside each BertLayer (common.py's names).
+# --targets value -> the nn.Linear it names inside each BertLayer (bert.py's names).
 TARGETS = {"query": "attn.query", "key": "attn.key", "value": "attn.value", "out": "attn.out",
            "ffn_in": "ffn_in", "ffn_out": "ffn_out"}
 ADAPTER_FILE = "adapter.safetensors"
@@ -182,7 +183,7 @@ def load_model(config, run_dir):
                                "(not a train_lora.py run?)")
     model, tokenizer = bert.build_bert_classifier(config, pretrained=True, run_dir=run_dir)
     inject_lora(model, config["targets"], config["r"], config["alpha"], config["lora_dropout"])
-    common.load_checked(model, run_dir / ADAPTER_FILE, trainable_only=True)
+    runfolders.load_checked(model, run_dir / ADAPTER_FILE, trainable_only=True)
     return merge_lora(model), tokenizer
 
 

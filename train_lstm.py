@@ -33,6 +33,7 @@ import eda
 import flags
 import loop
 import run
+import runfolders
 
 ARCHS = ["lstm", "bilstm_attn"]
 # ids 0 and 1 of the word vocabulary; 0 is also what common.pad_batch pads with
@@ -168,7 +169,7 @@ def load_model(config, run_dir):
         raise common.UserError(f"{run_dir}: no tokenizer.json (not a finished train_lstm.py run)")
     tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
     model = build_model(config)
-    common.load_checked(model, run_dir / "model.safetensors")
+    runfolders.load_checked(model, run_dir / "model.safetensors")
     return model, tokenizer
 
 

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+import agnews
 import common
 import flags
+import runfolders
 
 COLUMN = 16  # least width of one model's column in the texts table: "Business 0.973*"
 
@@ -83,14 +85,14 @@ def parse_weights(text, n_runs):
 def display_names(runs):
     """Folder names (a seed<k>/ run by its experiment's folder), or whole paths where two share a
     name."""
-    names = [common.experiment_folder(run).name for run in runs]
+    names = [runfolders.experiment_folder(run).name for run in runs]
     return names if len(set(names)) == len(names) else [str(run) for run in runs]
 
 
 def check_same_test_rows(runs):
     """All members must have been scored on the same test rows, in the same order: their test
     probabilities are averaged row by row. (Validation rows may differ; see load_saved.)"""
-    seen = {run: common.scored_rows(run, ("test",))[0] for run in runs}
+    seen = {run: runfolders.scored_rows(run, ("test",))[0] for run in runs}
     if len(set(seen.values())) > 1:
         described = "; ".join(f"{run} ({n:,} test rows, {fp})" for run, (_, n, fp) in seen.items())
         raise common.UserError(f"runs were scored on different test rows, so their probabilities "
@@ -109,7 +111,7 @@ def seed_runs(folder):
     if (folder / "metrics.json").exists():
         return None
     seeds = {int(match[1]): run for run in folder.glob("seed*")
-             if (match := common.SEED_FOLDER.fullmatch(run.name))
+             if (match := runfolders.SEED_FOLDER.fullmatch(run.name))
              and (run / "metrics.json").exists()}
     if not seeds:
         raise common.UserError(f"{folder}: no metrics.json and no finished seed<k>/ runs "
@@ -140,11 +142,11 @@ def find_members(args):
     group votes, the newest on a tie, and the others are named. Returns {seed or None: [runs]}."""
     if args.runs:
         return member_groups(args.runs)
-    runs = [run for run in common.find_runs(args.root) if not is_vote(run)]
+    runs = [run for run in runfolders.find_runs(args.root) if not is_vote(run)]
     if not runs:
         raise common.UserError(f"no finished runs under {args.root}/ "
                                f"(train one first, or pass --runs)")
-    return {None: common.largest_group_on_same_rows(runs, "voting")}
+    return {None: runfolders.largest_group_on_same_rows(runs, "voting")}
 
 
 def note_copies(runs):
@@ -153,7 +155,8 @@ def note_copies(runs):
     copies = {}
     for run in runs:
         config = common.load_json(run / "config.json")
-        copies.setdefault((common.experiment_key(config), common.run_seed(config)), []).append(run)
+        key = (runfolders.experiment_key(config), runfolders.run_seed(config))
+        copies.setdefault(key, []).append(run)
     for (_, seed), same in copies.items():
         if len(same) > 1:
             print(f"note: {', '.join(map(str, same))} are copies of one configuration and seed "
@@ -176,9 +179,9 @@ def load_saved(runs, data_dir):
     1,000 rows, train_lstm.py on the whole slice): the weights are fitted on the rows that every
     member was scored on, matched by their row numbers in train.csv."""
     check_same_test_rows(runs)
-    test = common.load_scored_split(runs[0], "test", data_dir)
-    test_probs = [common.load_probs(run, "test", len(test)) for run in runs]
-    vals = [common.load_scored_split(run, "val", data_dir) for run in runs]
+    test = runfolders.load_scored_split(runs[0], "test", data_dir)
+    test_probs = [runfolders.load_probs(run, "test", len(test)) for run in runs]
+    vals = [runfolders.load_scored_split(run, "val", data_dir) for run in runs]
     shared = vals[0].ids
     for val in vals[1:]:
         shared = np.intersect1d(shared, val.ids)
@@ -190,7 +193,7 @@ def load_saved(runs, data_dir):
     val_probs = []
     for run, val in zip(runs, vals):
         at = np.searchsorted(val.ids, shared)  # ids are in file order, so sorted
-        val_probs.append(common.load_probs(run, "val", len(val))[at])
+        val_probs.append(runfolders.load_probs(run, "val", len(val))[at])
     val_rows = vals[0].subset(np.searchsorted(vals[0].ids, shared))
     if any(len(val) != len(shared) for val in vals):
         sizes = ", ".join(f"{len(val):,}" for val in vals)
@@ -244,8 +247,8 @@ def vote_on_test(args, runs, out=None, seed=None):
 def vote_on_cases(runs, weights):
     """The weighted vote on today's news, (probs, cases), when every member was scored on the
     current cases file; else None (members trained before it existed)."""
-    cases = common.load_cases()
-    probs = [common.load_cases_probs(run, cases) for run in runs]
+    cases = agnews.load_cases()
+    probs = [runfolders.load_cases_probs(run, cases) for run in runs]
     if any(p is None for p in probs):
         return None
     return ensemble_probs(probs, weights), cases
@@ -303,7 +306,7 @@ def load_members(runs, device):
     """Each run's (run, model, tokenizer, max_len), loaded once (serve.py keeps them loaded)."""
     members = []
     for run in runs:
-        model, tokenizer, config = common.load_run(run, device)
+        model, tokenizer, config = runfolders.load_run(run, device)
         members.append((run, model, tokenizer, config["args"]["max_len"]))
     return members
 
@@ -330,11 +333,11 @@ def verdict(probs, label):
 
 
 def vote_on_texts(args, runs):
-    cases = [(None, common.clean_text(t)) for t in args.text or []]
+    cases = [(None, agnews.clean_text(t)) for t in args.text or []]
     if any(not text for _, text in cases):
         raise common.UserError("--text: empty text")
     if args.file:
-        cases += common.read_cases(args.file)
+        cases += agnews.read_cases(args.file)
     labels = [label for label, _ in cases]
     texts = [text for _, text in cases]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import agnews  # noqa: E402
 import bert  # noqa: E402
 import common  # noqa: E402
 import flags  # noqa: E402
@@ -60,7 +61,7 @@ def time_epoch(args, data, runtime, awp):
 def main():
     args = parse_args()
     runtime = common.setup_runtime(args.device, args.precision)
-    splits = common.load_ag_news(args.data, args.rows, test_size=8, val_size=32)
+    splits = agnews.load_ag_news(args.data, args.rows, test_size=8, val_size=32)
     tokenizer = common.load_tokenizer(bert.resolve_model("minilm"))
     data = common.encode_splits(tokenizer, splits, args.max_len)
     times = {"plain": [], "AWP": []}

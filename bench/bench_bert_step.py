@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import agnews  # noqa: E402
 import bert  # noqa: E402
 import common  # noqa: E402
 from bench.models import GEOMETRIES, model_folder  # noqa: E402
@@ -79,7 +80,7 @@ def compare_steps(args, folder, device):
 
 def compare_bucketing(args, folder, device):
     """One epoch's forward+backward over real rows: padded per batch (bucketed) vs padded to 128."""
-    splits = common.load_ag_news(args.data, train_size=args.rows)
+    splits = agnews.load_ag_news(args.data, train_size=args.rows)
     tokenizer = common.load_tokenizer(folder)
     ids = common.encode(tokenizer, splits["train"].texts, 128)
     lengths = torch.tensor([len(r) for r in ids]).numpy()

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import agnews  # noqa: E402
 import bert  # noqa: E402
 import common  # noqa: E402
 import eda  # noqa: E402
@@ -104,7 +105,7 @@ def time_epoch(setup, args, splits, runtime):
 def main():
     args = parse_args()
     runtime = common.setup_runtime(args.device)
-    splits = common.load_ag_news(args.data, args.rows, test_size=8, val_size=32)
+    splits = agnews.load_ag_news(args.data, args.rows, test_size=8, val_size=32)
     costs, augmented = one_off_costs(args, splits["train"])
     settings = {"plain": splits, "EDA": {**splits, "train": augmented}}
 

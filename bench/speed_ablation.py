@@ -62,13 +62,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import agnews  # noqa: E402
 import bert  # noqa: E402
 import common  # noqa: E402
 import flags  # noqa: E402
 from bench.models import GEOMETRIES, model_folder, set_attention  # noqa: E402
 
 # The study's run, for the projection: bert-base on every AG News training row, 3 epochs.
-STUDY_ROWS, STUDY_EPOCHS, STUDY_TIME = common.AGNEWS_TRAIN_ROWS, 3, "14 min 34 s on an RTX 3060 Ti"
+STUDY_ROWS, STUDY_EPOCHS, STUDY_TIME = agnews.AGNEWS_TRAIN_ROWS, 3, "14 min 34 s on an RTX 3060 Ti"
 # bf16 dense tensor-core peak of the cards we may be lent, in FLOP/s (vendor datasheets, without
 # sparsity); the first name found in torch.cuda.get_device_name() wins, so the specific ones come
 # first.
@@ -295,7 +296,7 @@ def load_rows(args, folder):
     """Real training rows as token ids. With random weights the tokenizer is MiniLM's: the same
     uncased WordPiece vocabulary as bert-base-uncased, so the lengths are those of the study's
     model."""
-    splits = common.load_ag_news(args.data, train_size=args.rows)
+    splits = agnews.load_ag_news(args.data, train_size=args.rows)
     has_tokenizer = ((Path(folder) / "tokenizer.json").exists()
                      or (Path(folder) / "vocab.txt").exists())
     tokenizer = common.load_tokenizer(folder if has_tokenizer else bert.resolve_model("minilm"))

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import agnews  # noqa: E402
 import bert  # noqa: E402
 import common  # noqa: E402
 import dropout as cheap_dropout  # noqa: E402
@@ -166,7 +167,7 @@ def main(argv=None):
     model_dir = bert.resolve_model("minilm")
     tokenizer = common.load_tokenizer(model_dir)
     size = (args.steps + 2) * args.batch_size * 2
-    rows = common.load_ag_news(args.data, train_size=size)["train"]
+    rows = agnews.load_ag_news(args.data, train_size=size)["train"]
     data = common.encode_splits(tokenizer, {"train": rows}, 128)["train"]
     order = common.make_batches(data.lengths, args.batch_size, shuffle=True, seed=0)
     batches = [(*common.to_device([data.ids[j] for j in idx], 0, runtime.device),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import agnews  # noqa: E402
 import bert  # noqa: E402
 import common  # noqa: E402
 import flags  # noqa: E402
@@ -52,7 +53,7 @@ def theirs(args, out):
     import transformers
     transformers.logging.set_verbosity_error()
     folder = bert.resolve_model("minilm")
-    splits = common.load_ag_news(args.data, train_size=args.rows, val_size=200, test_size=1000)
+    splits = agnews.load_ag_news(args.data, train_size=args.rows, val_size=200, test_size=1000)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         folder, num_labels=common.NUM_CLASSES)

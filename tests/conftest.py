@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 import bert  # noqa: E402
 import common  # noqa: E402
+import runfolders  # noqa: E402
 
 
 def find_rows():
@@ -88,7 +89,8 @@ def die_after_epoch_1(monkeypatch):
 
     def save_then_die(path, tensors, metadata=None):
         save_weights(path, tensors, metadata)
-        if Path(path).name == common.RESUME_FILE and json.loads(metadata["progress"])["epoch"] == 1:
+        if (Path(path).name == runfolders.RESUME_FILE
+                and json.loads(metadata["progress"])["epoch"] == 1):
             raise Killed
     monkeypatch.setattr(common, "save_weights", save_then_die)
 

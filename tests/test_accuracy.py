@@ -12,6 +12,7 @@ import torch
 
 import bert
 import common
+import runfolders
 from conftest import AGNEWS_DIR, needs_rows, save_bert_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_every_stage_runs_then_resumes_to_nothing(tmp_path, tiny_model):
         for name in names:
             runs = [root / name] if name.startswith("ensemble") else \
                 [root / name / f"seed{seed}" for seed in (0, 1)]
-            assert all(common.is_finished(run) for run in runs), name
+            assert all(runfolders.is_finished(run) for run in runs), name
     config = common.load_json(root / "pooler_e1_llrd0.9" / "seed0" / "config.json")["args"]
     assert (config["llrd"], config["lr"]) == (0.9, 1e-4)
     assert common.load_json(root / "pooler_e1_warmup0.2" / "seed0" / "config.json")["args"][

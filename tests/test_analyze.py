@@ -15,10 +15,12 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
+import agnews
 import analyze
 import bert
 import common
 import explain
+import mixup_words
 import train_lstm
 from conftest import AGNEWS_DIR, needs_rows
 from kernels.attn_pool import load_penalty_table
@@ -129,7 +131,7 @@ def test_without_runs_the_default_is_a_clear_error(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 def test_stratified_sample_keeps_class_proportions():
     labels = np.repeat(np.arange(4), [400, 300, 200, 100])
-    rows = common.stratified_indices(labels, 100, seed=0)
+    rows = agnews.stratified_indices(labels, 100, seed=0)
     assert np.bincount(labels[rows]).tolist() == [40, 30, 20, 10]
     assert np.all(np.diff(rows) > 0)
 
@@ -154,7 +156,7 @@ W, S, B, T = range(4)
 def test_directions_put_business_scitech_first_then_by_count():
     counts = np.zeros((4, 4), dtype=int)
     counts[T, B], counts[W, S], counts[S, W], counts[B, W] = 3, 5, 2, 7
-    assert analyze.confused_directions(counts) == [(T, B), (B, W), (W, S), (S, W)]
+    assert mixup_words.confused_directions(counts) == [(T, B), (B, W), (W, S), (S, W)]
 
 
 def test_top_words_rank_by_tfidf_contrast_with_the_texts_classified_right():
@@ -163,22 +165,22 @@ def test_top_words_rank_by_tfidf_contrast_with_the_texts_classified_right():
              "tennis final", "election vote", "summit talks"]
     labels = np.array([B, B, T, T, B, B, S, S, W, W])
     preds = np.array([T, T, B, B, B, B, S, S, W, W])
-    ranked = analyze.top_words(texts, labels, preds, [(B, T), (T, B), (W, S)], top_k=2)
+    ranked = mixup_words.top_words(texts, labels, preds, [(B, T), (T, B), (W, S)], top_k=2)
     # "company" is in every Business text, right or wrong: it cancels out; "internet" is in both
     # errors.
     assert ranked[(B, T)][0][0] == "internet"
     assert "company" not in [w for w, _ in ranked[(B, T)]]
     assert ranked[(T, B)][0][0] == "shares"
     assert ranked[(W, S)] == []
-    kept = analyze.top_words(texts, labels, preds, [(B, T)], top_k=5,
-                             keep=lambda w: w != "internet")
+    kept = mixup_words.top_words(texts, labels, preds, [(B, T)], top_k=5,
+                                 keep=lambda w: w != "internet")
     assert ([w for w, _ in kept[(B, T)]] == ["browser", "web"]
             or [w for w, _ in kept[(B, T)]] == ["web", "browser"])
 
 
 @needs_rows
 def test_penalty_list_round_trips_into_the_attnpool_table(run, tmp_path):
-    words, path = analyze.show_tfidf(run, tmp_path, pairs="all", top_k=15)
+    words, path = mixup_words.show_tfidf(run, tmp_path, pairs="all", top_k=15)
     assert list(words)[:2] == ["Business->Sci/Tech", "Sci/Tech->Business"]
     assert json.loads(path.read_text()) == words
     listed = {w for ws in words.values() for w in ws}

@@ -13,9 +13,12 @@ from PIL import Image
 from scipy.stats import binom
 from sklearn.metrics import f1_score
 
+import agnews
 import analyze
 import common
 import compare
+import learning_curves
+import runfolders
 from conftest import needs_rows
 
 
@@ -137,20 +140,20 @@ def test_experiment_key_ignores_only_the_seed_and_bookkeeping():
     same["args"].update(seed=1, out="b", device="cuda", resume=True)
     other = json.loads(json.dumps(config))
     other["args"]["lr"] = 1e-4
-    assert common.experiment_key(config) == common.experiment_key(same)
-    assert common.experiment_key(config) != common.experiment_key(other)
+    assert runfolders.experiment_key(config) == runfolders.experiment_key(same)
+    assert runfolders.experiment_key(config) != runfolders.experiment_key(other)
 
 
 def test_a_seed_saved_before_a_flag_existed_joins_its_experiment():
     """A config.json written before --llrd, --rdrop, ... existed lacks them; it ran with the values
-    common.ADDED_FLAGS records, so it is one experiment with a newer seed that has them at those
+    runfolders.ADDED_FLAGS records, so it is one experiment with a newer seed that has them at those
     values, and another experiment than one that set them otherwise."""
     old = {"script": "train_lstm", "args": {"seed": 0, "lr": 2e-3, "epochs": 5}}
     new = {"script": "train_lstm", "args": {"seed": 1, "lr": 2e-3, "epochs": 5, "llrd": 1.0,
                                             "reinit_top": 0, "rdrop": 0.0, "unlabeled": 0}}
-    assert common.experiment_key(old) == common.experiment_key(new)
+    assert runfolders.experiment_key(old) == runfolders.experiment_key(new)
     new["args"]["rdrop"] = 1.0
-    assert common.experiment_key(old) != common.experiment_key(new)
+    assert runfolders.experiment_key(old) != runfolders.experiment_key(new)
 
 
 @needs_rows
@@ -229,10 +232,10 @@ def test_left_out_runs_are_counted_in_the_singular_and_the_plural(tmp_path, caps
                          {"rows": {"val": 4, "test": 4},
                           "fingerprints": {"val": "v", "test": fingerprint}})
         return folder
-    common.largest_group_on_same_rows([run("a", "x"), run("b", "y")], "compared")
+    runfolders.largest_group_on_same_rows([run("a", "x"), run("b", "y")], "compared")
     out = capsys.readouterr().out
     assert "than the 1 run compared" in out and str(tmp_path / "a") in out
-    common.largest_group_on_same_rows([run("c", "x"), run("d", "y"), run("e", "y")], "compared")
+    runfolders.largest_group_on_same_rows([run("c", "x"), run("d", "y"), run("e", "y")], "compared")
     assert "than the 2 runs compared" in capsys.readouterr().out
 
 
@@ -280,7 +283,7 @@ def test_the_cases_columns_are_each_runs_own_cases_probs(tmp_path):
     fingerprint) shows '-'."""
     rng = np.random.default_rng(7)
     labels = np.arange(800) % common.NUM_CLASSES
-    cases = common.Split([f"case {i}" for i in range(200)], np.arange(200) % common.NUM_CLASSES)
+    cases = agnews.Split([f"case {i}" for i in range(200)], np.arange(200) % common.NUM_CLASSES)
     onehot = np.eye(common.NUM_CLASSES, dtype=np.float32)
 
     def experiment(name, test_acc, cases_acc, with_cases=True):
@@ -338,7 +341,7 @@ def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path, ca
                               "fingerprints": {"val": "v", "test": "t"},
                               "test": {"macro_f1": score}})
     small, large = str(tmp_path / "small"), str(tmp_path / "large")
-    curves = compare.learning_curve([tmp_path / "small", tmp_path / "large"])
+    curves = learning_curves.learning_curve([tmp_path / "small", tmp_path / "large"])
     assert curves == {"bert_pooler": {small: (2000, f1["small", "bert_pooler"]),
                                       large: (24175, f1["large", "bert_pooler"])},
                       "lstm": {small: (2000, f1["small", "lstm"]),
@@ -346,7 +349,7 @@ def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path, ca
     # the table has a column per folder in the order given, "-" where an experiment is missing
     for run in (tmp_path / "large" / "lstm").iterdir():
         (run / "metrics.json").unlink()
-    path = compare.show_learning_curve([tmp_path / "large", tmp_path / "small"], tmp_path)
+    path = learning_curves.show_learning_curve([tmp_path / "large", tmp_path / "small"], tmp_path)
     assert Image.open(path).size[0] > 500
     table = capsys.readouterr().out
     lstm_row = next(line for line in table.splitlines() if line.startswith("| lstm |"))
@@ -373,10 +376,10 @@ def test_the_epochs_curve_has_a_point_per_length_and_both_splits(tmp_path, capsy
                 "rows": {"train": rows, "val": 10, "test": 20},
                 "fingerprints": {"val": f"v{rows}", "test": "t"},
                 "val": {"macro_f1": val[seed]}, "test": {"macro_f1": test[seed]}})
-    curve = compare.epochs_curve(folders)
+    curve = learning_curves.epochs_curve(folders)
     assert curve == {rows: {e: {"val": v, "test": t} for (r, e), (v, t) in scores.items()
                             if r == rows} for rows in (2000, 24175)}
-    path = compare.show_epochs_curve(folders, tmp_path)
+    path = learning_curves.show_epochs_curve(folders, tmp_path)
     assert Image.open(path).size[0] > 500
     table = capsys.readouterr().out
     assert "| 2,000 | 3 | 2 | 0.9050 ± 0.0071 | 0.8850 ± 0.0071 |" in table

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import agnews
 import bert
 import common
+import runfolders
 from conftest import AGNEWS_DIR, NO_ROWS
 
 
@@ -25,7 +27,7 @@ GOOD = ('"3","Wall St. Bears","Reuters - Short-sellers\\band of ultra-cynics."\n
 
 
 def test_canonical_rows_load_and_clean(tmp_path):
-    split = common.load_csv(write_rows(tmp_path / "t.csv", GOOD))
+    split = agnews.load_csv(write_rows(tmp_path / "t.csv", GOOD))
     assert split.labels.tolist() == [2, 0]
     assert split.texts[0] == "Wall St. Bears Reuters - Short-sellers band of ultra-cynics."
     assert split.texts[1] == "Title Desc's $10\"hi\" AT&T <b>"
@@ -43,18 +45,18 @@ def test_canonical_rows_load_and_clean(tmp_path):
 ])
 def test_bad_rows_name_file_line_and_reason(tmp_path, content, message):
     with pytest.raises(common.UserError, match=message):
-        common.load_csv(write_rows(tmp_path / "t.csv", content))
+        agnews.load_csv(write_rows(tmp_path / "t.csv", content))
 
 
 def test_undecodable_bytes_name_their_line(tmp_path):
     path = write_rows(tmp_path / "t.csv", GOOD.encode() + b'"2","caf\xe9","x"\n')
     with pytest.raises(common.UserError, match=r"t.csv:3: bytes that are not UTF-8"):
-        common.load_csv(path)
+        agnews.load_csv(path)
 
 
 def test_missing_folder_is_one_line(tmp_path):
     with pytest.raises(common.UserError, match="needs train.csv and test.csv"):
-        common.find_data_dir(str(tmp_path))
+        agnews.find_data_dir(str(tmp_path))
 
 
 field = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
@@ -71,14 +73,14 @@ def test_fuzz_canonical_rows_round_trip_or_fail_cleanly(tmp_path, rows):
     buf = io.StringIO()
     csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
     path = write_rows(tmp_path / "f.csv", buf.getvalue())
-    empty = [i for i, (_, t, d) in enumerate(rows) if not common.clean_text(f"{t} {d}")]
+    empty = [i for i, (_, t, d) in enumerate(rows) if not agnews.clean_text(f"{t} {d}")]
     if empty:
         with pytest.raises(common.UserError, match=r"f.csv:\d+: empty text"):
-            common.load_csv(path)
+            agnews.load_csv(path)
         return
-    split = common.load_csv(path)
+    split = agnews.load_csv(path)
     assert split.labels.tolist() == [label - 1 for label, _, _ in rows]
-    assert split.texts == [common.clean_text(f"{t} {d}") for _, t, d in rows]
+    assert split.texts == [agnews.clean_text(f"{t} {d}") for _, t, d in rows]
 
 
 @settings(max_examples=200, deadline=None,
@@ -87,7 +89,7 @@ def test_fuzz_canonical_rows_round_trip_or_fail_cleanly(tmp_path, rows):
 def test_fuzz_arbitrary_bytes_load_or_raise_user_error(tmp_path, content):
     path = write_rows(tmp_path / "g.csv", content)
     try:
-        split = common.load_csv(path)
+        split = agnews.load_csv(path)
     except common.UserError as err:
         assert str(err).startswith(str(path))
     else:
@@ -99,19 +101,19 @@ def test_fuzz_arbitrary_bytes_load_or_raise_user_error(tmp_path, content):
 def splits():
     if AGNEWS_DIR is None:
         pytest.skip(NO_ROWS)
-    return common.load_ag_news(AGNEWS_DIR)
+    return agnews.load_ag_news(AGNEWS_DIR)
 
 
 def test_real_splits_are_official_and_disjoint(splits):
     assert len(splits["test"]) == 7600
     assert np.bincount(splits["test"].labels).tolist() == [1900] * 4
     assert (len(splits["train"]) + len(splits["val"])
-            == len(common.load_csv(AGNEWS_DIR / "train.csv")))
-    assert common.load_ag_news(AGNEWS_DIR)["val"].fingerprint() == splits["val"].fingerprint()
+            == len(agnews.load_csv(AGNEWS_DIR / "train.csv")))
+    assert agnews.load_ag_news(AGNEWS_DIR)["val"].fingerprint() == splits["val"].fingerprint()
 
 
 def test_validation_slice_is_stratified_and_independent_of_train_size(splits):
-    small = common.load_ag_news(AGNEWS_DIR, train_size=1000)
+    small = agnews.load_ag_news(AGNEWS_DIR, train_size=1000)
     assert small["val"].fingerprint() == splits["val"].fingerprint()
     assert len(small["train"]) == 1000
     full = np.bincount(splits["train"].labels) / len(splits["train"])
@@ -160,26 +162,26 @@ def fake_release(tmp_path, monkeypatch, test_rows):
         tar.add(folder, arcname="ag_news_csv")
     monkeypatch.setattr(common, "download",
                         lambda url, dest: Path(dest).write_bytes(archive.read_bytes()))
-    monkeypatch.setattr(common, "AGNEWS_TEST_MD5",
-                        common.md5_of(folder / "test.csv") if test_rows == GOOD else "0" * 32)
-    monkeypatch.setattr(common, "AGNEWS_TRAIN_ROWS", 2)
+    monkeypatch.setattr(agnews, "AGNEWS_TEST_MD5",
+                        agnews.md5_of(folder / "test.csv") if test_rows == GOOD else "0" * 32)
+    monkeypatch.setattr(agnews, "AGNEWS_TRAIN_ROWS", 2)
     monkeypatch.delenv("AGNEWS_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
 
 
 def test_download_unpacks_checks_and_finds_the_release(tmp_path, monkeypatch):
     fake_release(tmp_path, monkeypatch, GOOD)
-    assert common.find_data_dir() == Path("data/ag_news")
+    assert agnews.find_data_dir() == Path("data/ag_news")
     assert (sorted(p.name for p in (tmp_path / "data/ag_news").iterdir())
             == ["classes.txt", "test.csv", "train.csv"])
     # found again, no download
-    assert len(common.load_csv(common.find_data_dir() / "test.csv")) == 2
+    assert len(agnews.load_csv(agnews.find_data_dir() / "test.csv")) == 2
 
 
 def test_a_download_that_fails_its_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
     fake_release(tmp_path, monkeypatch, '"1","other","rows"\n')
     with pytest.raises(common.UserError, match="differs from the official test set"):
-        common.find_data_dir()
+        agnews.find_data_dir()
     # no empty data/ag_news/ left for the next run to stumble on
     assert not (tmp_path / "data").exists()
 
@@ -190,25 +192,25 @@ def test_nested_samples_are_prefixes_and_keep_the_class_proportions():
     holds each class in proportion, give or take one row."""
     rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32))
     labels = rng.choice(common.NUM_CLASSES, size=2687, p=[0.1, 0.2, 0.3, 0.4])
-    split = common.Split([f"t{i}" for i in range(len(labels))], labels)
+    split = agnews.Split([f"t{i}" for i in range(len(labels))], labels)
     previous = set()
     for size in (4, 50, 333, 1000, 2000, 2687):
-        sample = common.nested_subset(split, size, seed=42)
+        sample = agnews.nested_subset(split, size, seed=42)
         assert len(sample) == size and list(sample.ids) == sorted(sample.ids)
         assert previous <= set(sample.ids)
         previous = set(sample.ids)
         for c in range(common.NUM_CLASSES):
             expected = size * np.mean(labels == c)
             assert abs(np.sum(sample.labels == c) - expected) <= 1, (size, c)
-    assert common.nested_subset(split, None, seed=42) is split
+    assert agnews.nested_subset(split, None, seed=42) is split
 
 
 @pytest.mark.skipif(AGNEWS_DIR is None, reason=NO_ROWS or "")
 def test_runs_before_nested_sampling_reload_their_own_validation_rows(tmp_path):
     """A run's metrics.json says how its --val-size rows were drawn; one written before "nested"
     (no val_sampling) reloads the independent stratified sample it was scored on."""
-    old = common.load_ag_news(AGNEWS_DIR, val_size=500, val_sampling="sklearn")["val"]
-    new = common.load_ag_news(AGNEWS_DIR, val_size=500)["val"]
+    old = agnews.load_ag_news(AGNEWS_DIR, val_size=500, val_sampling="sklearn")["val"]
+    new = agnews.load_ag_news(AGNEWS_DIR, val_size=500)["val"]
     assert old.fingerprint() != new.fingerprint()
     for name, metrics in (("old", {}), ("new", {"val_sampling": "nested"})):
         run = tmp_path / name
@@ -217,4 +219,4 @@ def test_runs_before_nested_sampling_reload_their_own_validation_rows(tmp_path):
         split = old if name == "old" else new
         common.save_json(run / "metrics.json", {**metrics,
                                                 "fingerprints": {"val": split.fingerprint()}})
-        assert common.load_scored_split(run, "val").fingerprint() == split.fingerprint()
+        assert runfolders.load_scored_split(run, "val").fingerprint() == split.fingerprint()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import agnews
 import bert
 import common
 import distill
@@ -88,8 +89,8 @@ def test_a_student_with_alpha_1_and_t_1_reproduces_its_teacher(tmp_path):
 @needs_rows
 def test_unlabelled_rows_carry_no_label_and_pseudo_labels_are_the_teachers(tiny_lstm_run,
                                                                            monkeypatch):
-    splits = common.load_ag_news(AGNEWS_DIR, train_size=1000, val_size=200, test_size=200)
-    pool = common.load_ag_news(AGNEWS_DIR)["train"]
+    splits = agnews.load_ag_news(AGNEWS_DIR, train_size=1000, val_size=200, test_size=200)
+    pool = agnews.load_ag_news(AGNEWS_DIR)["train"]
     truth = dict(zip(pool.ids.tolist(), pool.labels.tolist()))
 
     def attach(**overrides):
@@ -129,7 +130,7 @@ def test_a_noisy_students_eda_copies_carry_their_originals_label_and_teacher(tin
     """--teacher --unlabeled --eda, through start_run's two hooks in their order: every row, the
     unlabelled ones too, gets an EDA copy with its original's teacher probabilities (the teacher
     read the clean text) and its label: the file's, a pseudo-label, or UNLABELED."""
-    splits = common.load_ag_news(AGNEWS_DIR, train_size=1000, val_size=200, test_size=200)
+    splits = agnews.load_ag_news(AGNEWS_DIR, train_size=1000, val_size=200, test_size=200)
     args = argparse.Namespace(teacher=str(tiny_lstm_run), unlabeled=300,
                               pseudo_threshold=pseudo_threshold, distill_alpha=0.5, distill_t=2.0,
                               eda=True, eda_n=1, eda_alpha=0.1, eda_threshold=eda.EDA_THRESHOLD,
@@ -150,7 +151,7 @@ def test_a_noisy_students_eda_copies_carry_their_originals_label_and_teacher(tin
 @needs_rows
 def test_a_teacher_of_other_rows_and_unlabelled_rows_without_a_teacher_are_refused(
         tiny_lstm_run):
-    splits = common.load_ag_news(AGNEWS_DIR, train_size=900, val_size=200, test_size=200)
+    splits = agnews.load_ag_news(AGNEWS_DIR, train_size=900, val_size=200, test_size=200)
     args = argparse.Namespace(teacher=str(tiny_lstm_run), unlabeled=0, pseudo_threshold=None,
                               distill_alpha=0.5, distill_t=2.0, eda=False)
     with pytest.raises(common.UserError, match="trained on other rows than this run's 900"):

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
+import agnews
 import bert
 import common
 import eda
@@ -283,7 +284,7 @@ def made_up_split(count, seed):
         words = [draw.choice(NEWS_WORDS) for _ in range(draw.randint(25, 40))]
         words[draw.randrange(3, len(words) - 3)] += ","
         texts.append(" ".join(words).capitalize() + ".")
-    return common.Split(texts, np.arange(count, dtype=np.int64) % common.NUM_CLASSES)
+    return agnews.Split(texts, np.arange(count, dtype=np.int64) % common.NUM_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -324,9 +325,9 @@ def test_same_seed_same_rows_other_seed_other_rows(splits):
 
 
 SCRIPT = """
-import argparse, json, numpy as np, common, eda
+import argparse, json, numpy as np, agnews, eda
 rows = json.load(open({rows!r}))
-splits = {{name: common.Split(r["texts"], np.array(r["labels"])) for name, r in rows.items()}}
+splits = {{name: agnews.Split(r["texts"], np.array(r["labels"])) for name, r in rows.items()}}
 args = argparse.Namespace(eda=True, eda_n=4, eda_alpha=0.1, eda_threshold=eda.EDA_THRESHOLD,
                           seed=7, model="minilm")
 print(eda.augment_train_split(args, splits)["train"].fingerprint())
@@ -378,7 +379,7 @@ def test_eda_run_prints_its_rows_and_resumes_exactly(tmp_path, monkeypatch, caps
     before, after = re.search(r"EDA: ([\d,]+) training rows -> ([\d,]+)", printed).groups()
     assert (int(before), int(after.replace(",", ""))) == (200, 200 * 3)
     assert whole["rows"] == {"train": 600, "val": 60, "test": 60, "cases": 400}
-    plain = common.load_ag_news(AGNEWS_DIR, train_size=200, val_size=60, test_size=60)
+    plain = agnews.load_ag_news(AGNEWS_DIR, train_size=200, val_size=60, test_size=60)
     assert whole["fingerprints"]["val"] == plain["val"].fingerprint()
     assert whole["fingerprints"]["test"] == plain["test"].fingerprint()
     assert whole["fingerprints"]["train"] != plain["train"].fingerprint()

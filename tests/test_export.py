@@ -17,6 +17,7 @@ import transformers
 import bert
 import common
 import export
+import runfolders
 import train_bert
 import train_lora
 from conftest import AGNEWS_DIR, NO_ROWS, single_thread
@@ -70,8 +71,8 @@ def hf_probs(model, tokenizer, texts, **tokenizer_kwargs):
 def check_against_run(run_dir, hf_dir):
     """pipeline and AutoModelForSequenceClassification on hf_dir give the run's saved test
     probabilities."""
-    rows = common.load_scored_split(run_dir, "test")
-    saved = common.load_probs(run_dir, "test", len(rows))
+    rows = runfolders.load_scored_split(run_dir, "test")
+    saved = runfolders.load_probs(run_dir, "test", len(rows))
     with single_thread():
         classify = transformers.pipeline("text-classification", model=str(hf_dir), top_k=None,
                                          truncation=True, device="cpu")
@@ -284,10 +285,11 @@ def test_an_unfinished_run_is_refused_with_one_line(pooler_run, tmp_path, unfini
     skip = ("metrics.json",) if unfinished == "metrics.json deleted" else ()
     run_dir = copy_run(pooler_run[0], tmp_path / "run", skip=skip)
     if unfinished == "resume point left":
-        (run_dir / common.RESUME_FILE).write_bytes(b"")
+        (run_dir / runfolders.RESUME_FILE).write_bytes(b"")
     before = tree(tmp_path)
     result = run_export(run_dir, tmp_path / "hf")
     assert result.returncode == 2
     assert (result.stderr.count("\n") == 1 and str(run_dir) in result.stderr
-            and ("no metrics.json" if skip else common.RESUME_FILE) in result.stderr), result.stderr
+            and ("no metrics.json" if skip else runfolders.RESUME_FILE) in result.stderr), \
+        result.stderr
     assert tree(tmp_path) == before

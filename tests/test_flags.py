@@ -10,6 +10,7 @@ import analyze
 import common
 import flags
 import loop
+import runfolders
 import train_lstm
 from conftest import AGNEWS_DIR, TINY_LSTM_ARGS, needs_rows, single_thread
 
@@ -147,4 +148,4 @@ def test_a_failed_start_leaves_nothing_so_the_corrected_command_runs(tmp_path, m
     capsys.readouterr()
     with single_thread():
         train_lstm.main([*tiny, "--out", str(out)])
-    assert common.is_finished(out) and (out / "tokenizer.json").exists()
+    assert runfolders.is_finished(out) and (out / "tokenizer.json").exists()

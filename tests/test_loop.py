@@ -22,6 +22,7 @@ import bert
 import common
 import loop
 import run
+import runfolders
 import train_lora
 import train_lstm
 from conftest import AGNEWS_DIR, made_up_rows, needs_rows, save_bert_folder
@@ -99,7 +100,7 @@ def wait_for_resume_point(process, run_dir, epoch):
     """Wait until the run has written a resume point inside epoch `epoch` (0-based); its
     progress."""
     while process.poll() is None:
-        progress = read_progress(run_dir / common.RESUME_FILE)
+        progress = read_progress(run_dir / runfolders.RESUME_FILE)
         if progress is not None and progress["epoch"] == epoch and progress["batch"] > 0:
             return progress
         time.sleep(0.01)
@@ -222,11 +223,11 @@ def test_stopped_by_sigterm_then_killed_mid_epoch_and_resumed_twice_ends_like_an
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 143, err
-    progress = read_progress(run_dir / common.RESUME_FILE)
+    progress = read_progress(run_dir / runfolders.RESUME_FILE)
     assert progress["epoch"] == 0 and 0 < progress["batch"] < 60
     assert (f"SIGTERM: stopped after step {progress['step']} "
             f"(epoch 1, batch {progress['batch']})" in out)
-    assert common.load_weights(run_dir / common.RESUME_FILE)["rng.cpu.0"].dtype == torch.uint8
+    assert common.load_weights(run_dir / runfolders.RESUME_FILE)["rng.cpu.0"].dtype == torch.uint8
     [how] = [line for line in out.splitlines() if line.startswith("to resume: ")]
     command = shlex.split(how.removeprefix("to resume: "))
     assert (command[0] == "python"
@@ -402,7 +403,7 @@ def test_awp_run_stopped_mid_epoch_resumes_exactly(sample, tmp_path, capsys):
     hook.remove()
     assert stop.value.code == 143
     assert "SIGTERM: stopped after step 7 (epoch 1, batch 7)" in capsys.readouterr().out
-    assert read_progress(tmp_path / "stopped" / common.RESUME_FILE)["batch"] == 7
+    assert read_progress(tmp_path / "stopped" / runfolders.RESUME_FILE)["batch"] == 7
 
     resumed = tiny_classifier(dropout=0.1)
     resumed.load_state_dict(initial)

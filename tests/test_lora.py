@@ -8,8 +8,10 @@ import pytest
 import torch
 import transformers
 
+import agnews
 import bert
 import common
+import runfolders
 import train_lora
 from conftest import AGNEWS_DIR, NO_ROWS, needs_rows
 from train_lora import count_lora_parameters, inject_lora, merge_lora, unmerge_lora
@@ -192,10 +194,10 @@ def test_adapter_round_trip(small_run):
     # no frozen weight in it
     assert not any(".base." in k or k.startswith("bert.embeddings") for k in saved)
 
-    model, tokenizer, config = common.load_run(small_run)
+    model, tokenizer, config = runfolders.load_run(small_run)
     assert all(layer.merged for layer in train_lora.lora_layers(model))
     # as SMALL_RUN
-    splits = common.load_ag_news(AGNEWS_DIR, train_size=480, test_size=400, val_size=100)
+    splits = agnews.load_ag_news(AGNEWS_DIR, train_size=480, test_size=400, val_size=100)
     data = common.encode_splits(tokenizer, {"test": splits["test"]}, config["max_len"])
     probs = common.predict(model, data["test"], common.setup_runtime("cpu", "fp32"))
     np.testing.assert_allclose(probs, np.load(small_run / "test_probs.npy"), atol=1e-5, rtol=0)
@@ -207,7 +209,7 @@ def test_adapter_that_does_not_fit_is_refused(small_run, tmp_path):
         (tmp_path / name).write_bytes((small_run / name).read_bytes())
     common.save_json(tmp_path / "config.json", {**config, "targets": ["query", "key", "value"]})
     with pytest.raises(common.UserError, match="missing .*attn.key.lora_A"):
-        common.load_run(tmp_path)
+        runfolders.load_run(tmp_path)
 
 
 def test_training_learns(small_run):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import agnews
 import common
+import runfolders
 from conftest import AGNEWS_DIR, Killed, die_after_epoch_1, needs_rows
 import train_lstm
 
@@ -139,9 +141,9 @@ def test_word_tokenizer_pads_with_0_and_truncates_keeping_the_first_words():
 # Saved runs
 # --------------------------------------------------------------------------------------------------
 def test_saved_run_reloads_to_its_test_probs(tiny_lstm_run):
-    model, tokenizer, config = common.load_run(tiny_lstm_run)
+    model, tokenizer, config = runfolders.load_run(tiny_lstm_run)
     args = config["args"]
-    splits = common.load_ag_news(args["data"], args["train_size"], args["test_size"],
+    splits = agnews.load_ag_news(args["data"], args["train_size"], args["test_size"],
                                  args["val_size"])
     test = common.Encoded(common.encode(tokenizer, splits["test"].texts, config["max_len"]),
                           splits["test"].labels)
@@ -172,4 +174,4 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeyp
     assert losses == pytest.approx([h["train_loss"] for h in whole["history"]], abs=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "cut" / "test_probs.npy"),
                                np.load(tmp_path / "whole" / "test_probs.npy"), atol=1e-6, rtol=0)
-    assert not (tmp_path / "cut" / common.RESUME_FILE).exists()
+    assert not (tmp_path / "cut" / runfolders.RESUME_FILE).exists()

@@ -13,6 +13,7 @@ import torch
 
 import common
 import run
+import runfolders
 import train_lora
 from conftest import AGNEWS_DIR, needs_rows
 
@@ -36,7 +37,7 @@ def test_the_main_command_runs_twice_into_two_folders(tmp_path):
     runs = tmp_path / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["lora_r8_pooler", "lora_r8_pooler-2"]
     for run_dir in runs.iterdir():
-        assert common.is_finished(run_dir)
+        assert runfolders.is_finished(run_dir)
     assert "saved runs/lora_r8_pooler-2/" in outputs[1].stdout
     # A line now and then while 300 test rows are scored (every batch of 128 here, as the
     # interval is 0).
@@ -52,18 +53,18 @@ def test_the_main_command_runs_twice_into_two_folders(tmp_path):
 
 def test_run_folders_are_numbered_and_resume_takes_the_newest(tmp_path):
     root = tmp_path / "runs"
-    assert common.default_run_dir("x", root=root) == root / "x"
+    assert runfolders.default_run_dir("x", root=root) == root / "x"
     (root / "x").mkdir(parents=True)
-    assert common.default_run_dir("x", root=root) == root / "x"       # an empty folder is free
+    assert runfolders.default_run_dir("x", root=root) == root / "x"       # an empty folder is free
     (root / "x" / "config.json").write_text("{}")
     for k in (2, 3, 10):
         (root / f"x-{k}").mkdir()
         (root / f"x-{k}" / "config.json").write_text("{}")
     (root / "x-old").mkdir()                                           # not one of ours: ignored
-    assert common.default_run_dir("x", root=root) == root / "x-4"
-    assert common.default_run_dir("x", resume=True, root=root) == root / "x-10"
+    assert runfolders.default_run_dir("x", root=root) == root / "x-4"
+    assert runfolders.default_run_dir("x", resume=True, root=root) == root / "x-10"
     with pytest.raises(common.UserError, match="no .*y to resume"):
-        common.default_run_dir("y", resume=True, root=root)
+        runfolders.default_run_dir("y", resume=True, root=root)
 
 
 def test_seeds_make_one_ordinary_run_folder_per_seed(tmp_path, monkeypatch):
@@ -103,7 +104,7 @@ def test_seeds_end_to_end_give_runs_that_differ_only_in_the_seed(tmp_path):
     for c in configs:
         del c["args"]["seed"], c["args"]["out"]
     assert configs[0] == configs[1]
-    assert [r.name for r in common.find_runs(tmp_path)] == ["seed0", "seed1"]
+    assert [r.name for r in runfolders.find_runs(tmp_path)] == ["seed0", "seed1"]
 
 
 def test_a_run_stopped_by_bad_input_leaves_no_folder(tmp_path, monkeypatch):

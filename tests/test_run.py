@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import common
+import runfolders
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 20
@@ -26,7 +27,7 @@ for k in range({rounds}):
         pass
     args = argparse.Namespace(out=os.path.join({folder!r}, f"run{{k}}"), resume=False)
     try:
-        common.prepare_run_dir(args, "x")
+        runfolders.prepare_run_dir(args, "x")
         print(k, "claimed", flush=True)
     except common.UserError as err:
         print(k, "refused", err, flush=True)
@@ -67,35 +68,35 @@ def test_a_failed_start_leaves_no_folder_and_no_claim(tmp_path):
     out = tmp_path / "runs" / "x"
     args = argparse.Namespace(out=str(out), resume=False)
     with pytest.raises(common.UserError, match="bad data"):
-        with common.no_empty_folders_left(out):
-            common.prepare_run_dir(args, "x")
-            assert (out / common.CLAIM_FILE).exists()
+        with runfolders.no_half_made_run_left(out):
+            runfolders.prepare_run_dir(args, "x")
+            assert (out / runfolders.CLAIM_FILE).exists()
             (out / "tokenizer.json").write_text("{}")
             raise common.UserError("bad data")
     assert not (tmp_path / "runs").exists()
-    assert common.prepare_run_dir(args, "x") == out  # the corrected command gets the folder
+    assert runfolders.prepare_run_dir(args, "x") == out  # the corrected command gets the folder
 
     trained = tmp_path / "trained"
     with pytest.raises(KeyboardInterrupt):
-        with common.no_empty_folders_left(trained):
-            common.prepare_run_dir(argparse.Namespace(out=str(trained), resume=False), "x")
-            (trained / common.RESUME_FILE).write_bytes(b"epoch 1")
+        with runfolders.no_half_made_run_left(trained):
+            runfolders.prepare_run_dir(argparse.Namespace(out=str(trained), resume=False), "x")
+            (trained / runfolders.RESUME_FILE).write_bytes(b"epoch 1")
             raise KeyboardInterrupt
-    assert (trained / common.RESUME_FILE).exists()
+    assert (trained / runfolders.RESUME_FILE).exists()
 
     other = tmp_path / "other"
     with pytest.raises(common.UserError):
-        with common.no_empty_folders_left(other):
+        with runfolders.no_half_made_run_left(other):
             other.mkdir()
-            (other / common.CLAIM_FILE).write_text('{"pid": 1}')  # as if another process claimed
+            (other / runfolders.CLAIM_FILE).write_text('{"pid": 1}')  # as if another claimed it
             raise common.UserError("bad data")
-    assert (other / common.CLAIM_FILE).exists()
+    assert (other / runfolders.CLAIM_FILE).exists()
 
 
 def test_a_claimed_folder_is_taken_and_resume_needs_no_claim(tmp_path):
     out = tmp_path / "x"
-    common.prepare_run_dir(argparse.Namespace(out=str(out), resume=False), "x")
+    runfolders.prepare_run_dir(argparse.Namespace(out=str(out), resume=False), "x")
     with pytest.raises(common.UserError, match="already holds a run: pass --resume"):
-        common.prepare_run_dir(argparse.Namespace(out=str(out), resume=False), "x")
-    assert common.default_run_dir("x", root=tmp_path) == tmp_path / "x-2"
-    assert common.prepare_run_dir(argparse.Namespace(out=str(out), resume=True), "x") == out
+        runfolders.prepare_run_dir(argparse.Namespace(out=str(out), resume=False), "x")
+    assert runfolders.default_run_dir("x", root=tmp_path) == tmp_path / "x-2"
+    assert runfolders.prepare_run_dir(argparse.Namespace(out=str(out), resume=True), "x") == out

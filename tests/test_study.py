@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import agnews
 import bert
 import common
+import runfolders
 from conftest import AGNEWS_DIR, needs_rows, save_bert_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +48,12 @@ def test_the_study_runs_whole_then_resumes_to_nothing(tmp_path, tiny_model):
     done = study(tmp_path, tiny_model, preset="medium")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     root = tmp_path / "study"
-    cases = common.load_cases()
+    cases = agnews.load_cases()
     for name in EXPERIMENTS:
         for seed in (0, 1):
             run = root / name / f"seed{seed}"
-            assert common.is_finished(run), f"{name}/seed{seed}"
-            assert common.load_cases_probs(run, cases) is not None, f"{name}/seed{seed}: cases"
+            assert runfolders.is_finished(run), f"{name}/seed{seed}"
+            assert runfolders.load_cases_probs(run, cases) is not None, f"{name}/seed{seed}: cases"
     assert (root / "bert_pooler" / "seed0" / "config.json").exists()
     assert common.load_json(root / "lstm" / "seed0" / "config.json")["args"]["epochs"] == 5
     table = (root / "compare.md").read_text().splitlines()

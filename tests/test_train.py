@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+import agnews
 import bert
 import common
 import loop
 import run
+import runfolders
 from conftest import AGNEWS_DIR, needs_rows
 
 pytestmark = needs_rows  # every test here trains on, or reloads, real AG News rows
@@ -35,7 +37,7 @@ def train_args(**overrides):
 @pytest.fixture(scope="module")
 def sample():
     """A small stratified sample, tokenized once for every test here."""
-    splits = common.load_ag_news(AGNEWS_DIR, train_size=320, val_size=80, test_size=200)
+    splits = agnews.load_ag_news(AGNEWS_DIR, train_size=320, val_size=80, test_size=200)
     tokenizer = common.load_tokenizer(bert.resolve_model("minilm"))
     return splits, common.encode_splits(tokenizer, splits, 64)
 
@@ -70,12 +72,12 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(killed), cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    while process.poll() is None and not (killed / common.RESUME_FILE).exists():
+    while process.poll() is None and not (killed / runfolders.RESUME_FILE).exists():
         time.sleep(0.05)
     process.kill()
     process.wait()
     assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
-    _, metadata = common.load_weights(killed / common.RESUME_FILE, with_metadata=True)
+    _, metadata = common.load_weights(killed / runfolders.RESUME_FILE, with_metadata=True)
     assert json.loads(metadata["progress"])["epoch"] == 1
     changed = subprocess.run(command(killed, "--resume", "--lr", "1e-3"), capture_output=True,
                              text=True, cwd=ROOT)
@@ -107,8 +109,8 @@ def test_cli_run_round_trips_and_refuses_to_overwrite(tmp_path):
     assert saved.dtype == np.float32 and saved.shape == (80, 4)
     assert np.allclose(saved.sum(1), 1, atol=1e-5)
 
-    model, tokenizer, config = common.load_run(run_dir)
-    splits = common.load_ag_news(AGNEWS_DIR, 160, 80, 40)
+    model, tokenizer, config = runfolders.load_run(run_dir)
+    splits = agnews.load_ag_news(AGNEWS_DIR, 160, 80, 40)
     assert (splits["test"].fingerprint()
             == json.loads((run_dir / "metrics.json").read_text())["fingerprints"]["test"])
     test = common.Encoded(common.encode(tokenizer, splits["test"].texts, config["max_len"]),

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+import agnews
 import common
+import runfolders
 import vote
 from conftest import AGNEWS_DIR, needs_rows
 
@@ -124,7 +126,7 @@ def table_rows(output):
 def test_vote_scores_members_and_ensemble_on_the_saved_rows(tiny_lstm_run, tmp_path, capsys):
     """A second member that knows the labels (probabilities mixed with one-hot truth): the table's
     figures are those of the saved probabilities, scored against the right rows."""
-    splits = common.load_ag_news(AGNEWS_DIR, train_size=1000, test_size=200, val_size=200)
+    splits = agnews.load_ag_news(AGNEWS_DIR, train_size=1000, test_size=200, val_size=200)
     lstm = copy_run(tiny_lstm_run, tmp_path / "lstm")
     knows = copy_run(tiny_lstm_run, tmp_path / "knows")
     for split in ("val", "test"):
@@ -162,9 +164,9 @@ def test_vote_scores_members_and_ensemble_on_the_saved_rows(tiny_lstm_run, tmp_p
     np.testing.assert_allclose(np.load(tmp_path / "vote" / "test_probs.npy"),
                                expected["ensemble, weights fitted on val"], atol=1e-6)
     # Today's news: the vote of the members' own cases probabilities, with the same weights.
-    cases = common.load_cases()
-    members_cases = [common.load_cases_probs(r, cases) for r in (lstm, knows)]
-    voted = common.load_cases_probs(tmp_path / "vote", cases)
+    cases = agnews.load_cases()
+    members_cases = [runfolders.load_cases_probs(r, cases) for r in (lstm, knows)]
+    voted = runfolders.load_cases_probs(tmp_path / "vote", cases)
     np.testing.assert_allclose(voted, vote.ensemble_probs(members_cases, weights), atol=1e-6)
     assert saved["cases"] == pytest.approx(common.evaluate(voted, cases.labels))
 
@@ -198,9 +200,9 @@ def validated_on_fewer_rows(run, dest, rows):
     config = json.loads((dest / "config.json").read_text())
     config["args"]["val_size"] = rows
     common.save_json(dest / "config.json", config)
-    full = common.load_scored_split(run, "val")
+    full = runfolders.load_scored_split(run, "val")
     args = config["args"]
-    part = common.load_ag_news(AGNEWS_DIR, args["train_size"], args["test_size"], rows)["val"]
+    part = agnews.load_ag_news(AGNEWS_DIR, args["train_size"], args["test_size"], rows)["val"]
     metrics = json.loads((dest / "metrics.json").read_text())
     metrics["rows"]["val"] = len(part)
     metrics["fingerprints"]["val"] = part.fingerprint()
@@ -230,7 +232,8 @@ def test_members_validated_on_nested_sizes_vote_on_the_rows_they_share(tiny_lstm
     saved = common.load_json(tmp_path / "vote" / "metrics.json")
     assert saved["rows"]["val"] == 100
     # The vote's own rows reload as a run's do (analyze.py reads them so).
-    assert common.load_scored_split(tmp_path / "vote", "val").fingerprint() == part.fingerprint()
+    reloaded = runfolders.load_scored_split(tmp_path / "vote", "val")
+    assert reloaded.fingerprint() == part.fingerprint()
 
 
 def test_bare_vote_takes_the_largest_group_scored_on_the_same_rows(tiny_lstm_run, tmp_path, capsys):
@@ -297,55 +300,55 @@ def test_labelled_file_counts_hits(tiny_lstm_run, tmp_path, capsys):
 def test_case_files_are_read_or_refused_with_file_and_line(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("1,000 jobs cut, again\n\n  Nadal wins  \n")
-    assert common.read_cases(plain) == [(None, "1,000 jobs cut, again"), (None, "Nadal wins")]
+    assert agnews.read_cases(plain) == [(None, "1,000 jobs cut, again"), (None, "Nadal wins")]
 
     labelled = tmp_path / "labelled.csv"
     labelled.write_text('1,"Rebels, army clash"\nsports,Nadal wins, again\n')
-    assert common.read_cases(labelled) == [(0, "Rebels, army clash"), (1, "Nadal wins, again")]
+    assert agnews.read_cases(labelled) == [(0, "Rebels, army clash"), (1, "Nadal wins, again")]
 
     for content, line in [("1,ok\n5,bad label\n", 2), ("label,text\n3,fine\n\nWorld,\n", 4),
                           ("2,ok\njust a text\n", 2)]:
         bad = tmp_path / "bad.csv"
         bad.write_text(content)
         with pytest.raises(common.UserError, match=rf"bad\.csv:{line}: "):
-            common.read_cases(bad)
+            agnews.read_cases(bad)
     bad.write_bytes(b"1,fine\n2,not \xff utf-8\n")
     with pytest.raises(common.UserError, match=r"bad\.csv:2: bytes that are not UTF-8"):
-        common.read_cases(bad)
+        agnews.read_cases(bad)
 
 
 def test_a_case_file_may_open_with_a_comment(tmp_path):
     commented = tmp_path / "commented.csv"
     commented.write_text("# how this file was made\n#  by whom\nlabel,text\n2,Nadal wins\n")
-    assert common.read_cases(commented) == [(1, "Nadal wins")]
+    assert agnews.read_cases(commented) == [(1, "Nadal wins")]
     hashtag = tmp_path / "hashtag.txt"   # in a text file a # line is a text
     hashtag.write_text("#MeToo reaches Hollywood\nNadal wins\n")
-    assert common.read_cases(hashtag) == [(None, "#MeToo reaches Hollywood"), (None, "Nadal wins")]
+    assert agnews.read_cases(hashtag) == [(None, "#MeToo reaches Hollywood"), (None, "Nadal wins")]
     only_comment = tmp_path / "only.csv"
     only_comment.write_text("# nothing below\n")
     with pytest.raises(common.UserError, match="only.csv: no texts"):
-        common.read_cases(only_comment)
+        agnews.read_cases(only_comment)
 
 
 def test_todays_news_is_400_labelled_cases_100_a_class_and_says_how_it_was_made():
-    cases = common.load_cases()
+    cases = agnews.load_cases()
     assert len(cases) == 400 and np.bincount(cases.labels).tolist() == [100] * 4
     assert len(set(cases.texts)) == 400
-    opening = common.CASES_FILE.read_text().split("\nlabel,text\n")[0]
+    opening = agnews.CASES_FILE.read_text().split("\nlabel,text\n")[0]
     assert opening.startswith("#") and "2020-2025" in opening and "own words" in opening
 
 
 @needs_rows
 def test_a_finished_run_scores_todays_news(tiny_lstm_run):
     """finish_run writes cases_probs.npy and its accuracy and macro F1 into metrics.json."""
-    cases = common.load_cases()
-    probs = common.load_cases_probs(tiny_lstm_run, cases)
+    cases = agnews.load_cases()
+    probs = runfolders.load_cases_probs(tiny_lstm_run, cases)
     metrics = common.load_json(tiny_lstm_run / "metrics.json")
     assert probs.shape == (400, 4) and metrics["rows"]["cases"] == 400
     assert metrics["cases"] == pytest.approx(common.evaluate(probs, cases.labels))
     # a run scored on another version of the file is not read as scored on this one
-    other = common.Split(cases.texts[:-1] + ["changed"], cases.labels)
-    assert common.load_cases_probs(tiny_lstm_run, other) is None
+    other = agnews.Split(cases.texts[:-1] + ["changed"], cases.labels)
+    assert runfolders.load_cases_probs(tiny_lstm_run, other) is None
 
 
 def test_one_run_is_not_a_vote(tiny_lstm_run, tmp_path):
@@ -405,7 +408,7 @@ def test_a_labelled_file_with_only_its_header_is_one_line(tmp_path):
     path.write_text("label,text\n\n")
     with pytest.raises(common.UserError,
                        match="cases.csv: only the header label,text; no texts below it"):
-        common.read_cases(path)
+        agnews.read_cases(path)
 
 
 @needs_rows
@@ -442,11 +445,11 @@ def test_score_cases_scores_old_runs_and_their_votes_as_a_new_run_would(tiny_lst
         metrics.pop("cases")
         common.save_json(run / "metrics.json", metrics)
         times[run] = (run / "metrics.json").stat().st_mtime
-    cases = common.load_cases()
-    assert all(common.load_cases_probs(run, cases) is None for run in expected)
+    cases = agnews.load_cases()
+    assert all(runfolders.load_cases_probs(run, cases) is None for run in expected)
     analyze.main(["--score-cases", str(root), "--device", "cpu"])
     for run, probs in expected.items():
-        np.testing.assert_allclose(common.load_cases_probs(run, cases), probs, atol=1e-6)
+        np.testing.assert_allclose(runfolders.load_cases_probs(run, cases), probs, atol=1e-6)
         assert (run / "metrics.json").stat().st_mtime == times[run]
         assert common.load_json(run / "metrics.json")["cases"] == pytest.approx(
             common.evaluate(probs, cases.labels), abs=1e-6)
