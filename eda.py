@@ -251,7 +251,7 @@ def augment_train_split(args, splits, runtime=None):
         as_tokens = [" ".join(EDA_TOKEN.findall(text)) for text in train.texts]
         unchanged = sum(text == as_tokens[k // args.eda_n] for k, text in enumerate(copies))
         print(f"EDA: {len(train):,} training rows -> {len(augmented):,} "
-              f"({args.eda_n} copies each at alpha {args.eda_alpha}; "
+              f"({args.eda_n} {'copy' if args.eda_n == 1 else 'copies'} each at alpha {args.eda_alpha}; "
               f"synonyms of {model}: {len(synonyms):,} words at cosine >= {args.eda_threshold}; "
               f"{unchanged:,} copies came out unchanged)")
         for k in range(min(3, len(copies))):

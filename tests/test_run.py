@@ -19,7 +19,7 @@ ROUNDS = 20
 CLAIMER = """
 import argparse, os, sys
 sys.path.insert(0, {root!r})
-import common
+import common, runfolders
 print("ready", flush=True)
 for k in range({rounds}):
     go = os.path.join({folder!r}, f"go{{k}}")
