@@ -26,7 +26,8 @@ STAGES = {
     "heads": ["mean_e1", "mlp_res_e1", "textcnn_e1", "lora_r8_e1"],
     "distill": ["ensemble_e1", "student_e1", "unlabeled8000_soft", "unlabeled8000_pseudo0.9",
                 "unlabeled8000_soft_eda1"],
-    "large": ["pooler_24k_e2", "pooler_24k_e3", "pooler_24k_e4", "ensemble_24k"],
+    "large": ["pooler_24k_e2", "pooler_24k_e3", "pooler_24k_e4", "ensemble_24k",
+              "ensemble_24k_pooler9", "student_24k_e2"],
 }
 
 
@@ -75,6 +76,12 @@ def test_every_stage_runs_then_resumes_to_nothing(tmp_path, tiny_model):
         "train"] == 2 * (64 + 64)
     assert common.load_json(root / "mean_e1" / "seed1" / "config.json")["args"]["head"] == "mean"
     assert common.load_json(root / "lora_r8_e1" / "seed0" / "config.json")["args"]["r"] == 8
+    # the 24k student's teacher votes the seeds of 2, 3 and 4 epochs (2 seeds each here)
+    members = common.load_json(root / "ensemble_24k_pooler9" / "metrics.json")["weights"]
+    assert sorted(Path(m).relative_to(root).parts[0] for m in members) == sorted(
+        f"pooler_24k_e{e}" for e in (2, 3, 4) for _ in (0, 1))
+    student = common.load_json(root / "student_24k_e2" / "seed1" / "config.json")["args"]
+    assert (Path(student["teacher"]), student["epochs"]) == (root / "ensemble_24k_pooler9", 2)
 
     mtimes = {p: p.stat().st_mtime for p in root.rglob("metrics.json")}
     for stage in ("schedule", "distill"):   # the first stage, and the one with a vote and a teacher
