@@ -40,8 +40,10 @@ AGNEWS_TRAIN_ROWS = 120_000
 @dataclass
 class Split:
     texts: list   # title + " " + description, cleaned
-    labels: np.ndarray  # (N,) int64 in 0..3
-    ids: np.ndarray = None  # (N,) each row's number in its CSV file, so runs can be joined on rows
+    labels: np.ndarray  # (N,) int64 in 0..3, or distill.UNLABELED (-1): a label the run may not use
+    # (N,) each row's number in its CSV file, so runs can be joined on rows (an EDA copy: its
+    # original's)
+    ids: np.ndarray = None
     soft: np.ndarray = None  # (N, 4) a teacher's probabilities (distill.py), or None
 
     def __post_init__(self):

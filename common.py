@@ -11,8 +11,8 @@ Beside it, two more files of plumbing: agnews.py (the CSV files: find, download,
 and runfolders.py (where a run is written, and how a finished run is read back).
 
 The lessons build on these: bert.py (the encoder), loop.py (training), eda.py and awp.py, the
-training scripts, vote.py, analyze.py with explain.py, shapley.py and compare.py. Nothing here
-imports them, so the imports point one way.
+training scripts, vote.py, analyze.py with mixup_words.py, explain.py, shapley.py, compare.py and
+learning_curves.py. Nothing here imports them, so the imports point one way.
 """
 import contextlib
 import functools

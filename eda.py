@@ -111,9 +111,10 @@ def eda_copies(text, synonyms, n, alpha, rng):
 
 def augment_split(split, synonyms, n, alpha, seed, ops=None):
     """A new Split: the rows of `split`, then n EDA copies of each (row 0's, then row 1's, ...),
-    every copy with its original's label and teacher's probabilities (distill.py: the teacher read
-    the clean text): len(split) * (n + 1) rows. Deterministic by seed: one random.Random(seed)
-    draws everything, row after row. A list passed as `ops` receives each copy's operation name."""
+    every copy with its original's label, row id and teacher's probabilities (distill.py: the
+    teacher read the clean text): len(split) * (n + 1) rows. Deterministic by seed: one
+    random.Random(seed) draws everything, row after row. A list passed as `ops` receives each
+    copy's operation name."""
     rng = random.Random(seed)
     texts, originals = list(split.texts), []
     for i, text in enumerate(split.texts):
@@ -125,7 +126,7 @@ def augment_split(split, synonyms, n, alpha, seed, ops=None):
     originals = np.array(originals, dtype=np.int64)
     soft = None if split.soft is None else np.concatenate([split.soft, split.soft[originals]])
     return agnews.Split(texts, np.concatenate([split.labels, split.labels[originals]]),
-                        soft=soft)
+                        np.concatenate([split.ids, split.ids[originals]]), soft)
 
 
 # The paper's synonyms come from WordNet. There is no WordNet and no internet here, so ours come
@@ -251,7 +252,8 @@ def augment_train_split(args, splits, runtime=None):
         as_tokens = [" ".join(EDA_TOKEN.findall(text)) for text in train.texts]
         unchanged = sum(text == as_tokens[k // args.eda_n] for k, text in enumerate(copies))
         print(f"EDA: {len(train):,} training rows -> {len(augmented):,} "
-              f"({args.eda_n} {'copy' if args.eda_n == 1 else 'copies'} each at alpha {args.eda_alpha}; "
+              f"({args.eda_n} {'copy' if args.eda_n == 1 else 'copies'} each "
+              f"at alpha {args.eda_alpha}; "
               f"synonyms of {model}: {len(synonyms):,} words at cosine >= {args.eda_threshold}; "
               f"{unchanged:,} copies came out unchanged)")
         for k in range(min(3, len(copies))):

@@ -7,12 +7,12 @@ resume.safetensors while it is unfinished, and .claim, its owner. The seeds of o
 sibling folders runs/<name>/seed<k>/.
   - prepare_run_dir     --out, else runs/<name>, -2, -3, ...; never overwrites a run; of two
                         commands started on one folder, one gets it (claim_run_dir)
-  - load_run            rebuild any finished run through the script that trained it
+  - load_run            rebuild any finished run through the script that trained it (imported by
+                        the name config.json gives, at run time: the one import of a script here)
   - load_scored_split   the rows a run was scored on, checked against its fingerprints
   - experiment_key      which runs are seeds of one experiment
 """
 import importlib
-import importlib.util
 import json
 import os
 import re
@@ -31,9 +31,9 @@ RESUME_FILE = "resume.safetensors"  # in a run folder while a run is unfinished
 
 def no_half_made_run_left(run_dir):
     """common.no_empty_folders_left for a run folder: on an error, the folder is taken back,
-    whatever it holds (a tokenizer.json, a penalty list), when this process claimed it
-    (claim_run_dir) and nothing was trained in it yet (no resume point, no metrics.json). A run
-    stopped by bad input leaves no folder to be mistaken for a run."""
+    whatever it holds (a tokenizer.json, a penalty list), when the block created it, this process
+    claimed it (claim_run_dir) and nothing was trained in it yet (no resume point, no
+    metrics.json). A run stopped by bad input leaves no folder to be mistaken for a run."""
     return common.no_empty_folders_left(run_dir, take_back=claimed_and_untrained)
 
 
