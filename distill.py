@@ -182,7 +182,7 @@ def attach_teacher(args, splits, data_dir, runtime):
     extra = (unlabeled_rows(data_dir, train, args.unlabeled) if args.unlabeled else
              agnews.Split([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
     # Which teacher it is, recorded with the flags: a resumed run whose teacher folder now holds
-    # another model (another vote, retrained members) is refused (loop.ResumePoint compares them).
+    # another model (another vote, retrained members) is refused (resume.ResumePoint compares them).
     args.teacher_fingerprint = teacher_fingerprint(members)
     key = (args.teacher_fingerprint, train.fingerprint(), extra.fingerprint())
     if key not in _TEACHER_PROBS:

@@ -6,23 +6,19 @@ Read this after bert.py (the model). It teaches:
   2. train()        the same loop with each concern a real run needs, each a named helper below
                     it: mixed precision (forward_loss, GradScaler), gradient accumulation, AWP
                     (awp.py), running sums read without stalling the device (RunningLoss), the
-                    best epoch's weights, an exact resume point (ResumePoint), Ctrl-C/SIGTERM at a
-                    step boundary (StopSignal), DDP and torch.compile (model_for_training); and
+                    best epoch's weights, an exact resume point and Ctrl-C/SIGTERM at a step
+                    boundary (resume.py, a lesson of its own: ResumePoint, StopSignal), DDP and
+                    torch.compile (model_for_training); and
                     what a run may ask of its loss beyond cross-entropy (forward_loss: R-Drop,
                     rdrop.py; a teacher's soft targets, distill.py) and of its optimizer (one rate
                     per layer, fewsample.py).
                     tests/test_loop.py trains one tiny model with both and finds the same weights.
 The flags, start and end of a run around train() are in run.py.
-Next: train_bert.py and train_lora.py, which build a model (bert.py) and call these.
+Next: resume.py, then train_bert.py and train_lora.py, which build a model (bert.py) and call these.
 """
-import json
 import math
-import shlex
-import signal
-import sys
-import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +31,7 @@ import common
 import distill
 import fewsample
 import rdrop
-import runfolders
+import resume
 
 
 def train_plain(model, data, args, runtime):
@@ -88,11 +84,13 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
     step_model = model_for_training(model, runtime, args.compile)  # DDP, torch.compile
     perturber = awp.AWP(model, args.awp_lr, args.awp_eps) if args.awp else None
-    resume_point = ResumePoint(run_dir, args, model, optimizer, scheduler, scaler, runtime,
-                               trainable_only)
-    resuming = args.resume and resume_point.path.exists()
-    at, running = resume_point.load() if resuming else (Progress(), None)
-    stop = StopSignal(runtime)
+    resume_point = resume.ResumePoint(run_dir, args, model, optimizer, scheduler, scaler, runtime,
+                                      trainable_only)
+    at, running = resume.Progress(), None
+    if args.resume and resume_point.path.exists():
+        at, sums = resume_point.load()
+        running = RunningLoss(device, **sums) if sums else None
+    stop = resume.StopSignal(runtime)
     try:
         for epoch in range(at.epoch, args.epochs):
             batches = common.make_batches(train_split.lengths, args.batch_size, shuffle=True,
@@ -153,7 +151,7 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
             at.epoch, at.batch, at.train_time_s = epoch + 1, 0, 0.0
             if runtime.is_main and record["val_macro_f1"] > at.best_f1:
                 common.save_weights(Path(run_dir) / weights_name,
-                                    weights_to_save(model, trainable_only))
+                                    resume.weights_to_save(model, trainable_only))
             at.best_f1 = max(at.best_f1, record["val_macro_f1"])
             resume_point.save(at, None)
             if runtime.world_size > 1:
@@ -305,195 +303,6 @@ class RunningLoss:
         return loss_sum / rows, correct / rows
 
 
-@dataclass
-class Progress:
-    """Where a run stands; a resume point records it (with the tensors) and a resumed run starts
-    from it."""
-    epoch: int = 0            # epochs finished
-    batch: int = 0            # batches of the current epoch done (0: the epoch has not started)
-    step: int = 0             # optimizer steps done, all epochs
-    best_f1: float = -1.0     # best validation macro F1 so far
-    history: list = field(default_factory=list)  # one record per finished epoch
-    train_time_s: float = 0.0  # spent in the current epoch so far
-
-
-# Flags that may differ between a run and its resumption: where and how fast it runs, not what it
-# computes.
-RESUME_FREE_FLAGS = ("device", "resume", "out", "seeds", "save_every", "log_every", "compile",
-                     "data_dir")
-
-
-def changed_flags(then, now):
-    """{flag: (its value then, now)} for the flags a resumption would change; a flag the saved run
-    does not know is compared with the value in runfolders.ADDED_FLAGS, the one it ran with."""
-    then = {**runfolders.ADDED_FLAGS, **then}
-    return {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
-
-
-def weights_to_save(model, trainable_only):
-    """A LoRA run saves only what it trained (the adapter and head); others save the whole model."""
-    return common.trainable_state(model) if trainable_only else model.state_dict()
-
-
-def optimizer_tensors(optimizer):
-    """AdamW state as flat named tensors, so it fits safetensors (no pickle)."""
-    flat = {}
-    for i, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            flat[f"{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return flat
-
-
-def load_optimizer_tensors(optimizer, flat):
-    state = {}
-    for name, value in flat.items():
-        i, key = name.split(".", 1)
-        state.setdefault(int(i), {})[key] = value
-    sd = optimizer.state_dict()
-    sd["state"] = state
-    optimizer.load_state_dict(sd)
-
-
-class ResumePoint:
-    """run_dir/resume.safetensors: all a resumed run needs to go on exactly as if never stopped, in
-    ONE file written atomically, so that a kill never leaves the weights of one step beside the
-    progress of another. Tensors: model.* (the trainable ones only, for LoRA), opt.* (AdamW's
-    moments and step counts), rng.* (every process's RNG states: dropout goes on with the very masks
-    it would have drawn) and running (loss, correct, rows summed so far this epoch). Metadata
-    "progress" (JSON): Progress, the flags, the scheduler and the GradScaler (fp16's loss scale).
-    Every process takes part in save() (their RNG states and sums are gathered); rank 0 writes."""
-
-    def __init__(self, run_dir, args, model, optimizer, scheduler, scaler, runtime, trainable_only):
-        self.path = Path(run_dir) / runfolders.RESUME_FILE
-        self.model, self.optimizer, self.scheduler, self.scaler = (
-            model, optimizer, scheduler, scaler)
-        self.runtime, self.trainable_only = runtime, trainable_only
-        # What must not change between a run and its resumption.
-        self.run_args = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_FREE_FLAGS}
-
-    def rng_states(self):
-        """{rng.cpu.<rank>, rng.cuda.<rank>: uint8 state}, every process's (gathered on the CPU)."""
-        mine = {"cpu": torch.get_rng_state()}
-        if self.runtime.device.type == "cuda":
-            mine["cuda"] = torch.cuda.get_rng_state(self.runtime.device)
-        states = {}
-        for kind, state in mine.items():
-            parts = [state]
-            if self.runtime.world_size > 1:
-                parts = [torch.empty_like(state) for _ in range(self.runtime.world_size)]
-                torch.distributed.all_gather(parts, state, group=self.runtime.control_group)
-            states.update({f"rng.{kind}.{rank}": part for rank, part in enumerate(parts)})
-        return states
-
-    def save(self, at, running):
-        """`running`: the epoch's RunningLoss while mid-epoch, None at an epoch's end."""
-        tensors = self.rng_states()
-        running_state = {}
-        if running is not None:
-            tensors["running"] = running.totals(self.runtime.world_size)
-            running_state = {"read_sums": running.read_sums, "curve": running.curve}
-        if not self.runtime.is_main:
-            return
-        tensors.update({f"model.{k}": v
-                        for k, v in weights_to_save(self.model, self.trainable_only).items()})
-        tensors.update({f"opt.{k}": v for k, v in optimizer_tensors(self.optimizer).items()})
-        progress = {**vars(at), "args": self.run_args, "world_size": self.runtime.world_size,
-                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                    "running": running_state}
-        common.save_weights(self.path, tensors, metadata={"progress": json.dumps(progress)})
-
-    def load(self):
-        """Restore everything in place; returns (Progress, the epoch's RunningLoss or None)."""
-        saved, metadata = common.load_weights(self.path, with_metadata=True)
-        progress = json.loads(metadata["progress"])
-        changed = changed_flags(progress["args"], self.run_args)
-        if changed:
-            raise common.UserError(
-                f"{self.path}: the run was started with other flags "
-                f"({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())})")
-        if progress.get("world_size", self.runtime.world_size) != self.runtime.world_size:
-            raise common.UserError(f"{self.path}: the run was started with "
-                                   f"{progress['world_size']} processes, resume it with as many "
-                                   f"(each one's batches depend on it)")
-        self.model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")},
-                                   strict=not self.trainable_only)
-        load_optimizer_tensors(self.optimizer,
-                               {k[4:]: v for k, v in saved.items() if k.startswith("opt.")})
-        self.scheduler.load_state_dict(progress["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            # the scheduler restores its step count, not the optimizer's current lr
-            group["lr"] = lr
-        if self.scaler.is_enabled() and progress.get("scaler"):
-            self.scaler.load_state_dict(progress["scaler"])
-        rank = self.runtime.rank
-        if f"rng.cpu.{rank}" in saved:
-            torch.set_rng_state(saved[f"rng.cpu.{rank}"])
-        if self.runtime.device.type == "cuda" and f"rng.cuda.{rank}" in saved:
-            torch.cuda.set_rng_state(saved[f"rng.cuda.{rank}"], self.runtime.device)
-        at = Progress(**{f.name: progress[f.name] for f in fields(Progress) if f.name in progress})
-        running = None
-        if "running" in saved:
-            totals = (saved["running"] if self.runtime.is_main else
-                      torch.zeros(3, dtype=torch.float64))
-            running = RunningLoss(self.runtime.device, totals, **progress["running"])
-        if self.runtime.is_main:
-            print(f"resuming {self.path.parent} at epoch {at.epoch + 1}, batch {at.batch} "
-                  f"(step {at.step})")
-        return at, running
-
-
-class StopSignal:
-    """Ctrl-C (SIGINT) and SIGTERM (kill, a batch scheduler's time limit, torchrun passing either
-    on) end the run at a step boundary instead of wherever they land: the handler only notes the
-    signal; the loop finishes the optimizer step in flight, writes a resume point, says how to
-    resume and exits with 128 + the signal's number (130, 143: the shell's convention). The same
-    signal twice stops at once, without a resume point.
-    Under DDP every process must stop after the same step, or the others would wait forever in the
-    next step's gradient all-reduce. So the processes agree after every step, over the runtime's
-    control group: a few bytes between CPUs, no wait for the GPU. (torchrun passes a signal on to
-    every worker and kills them 30 s later, so a step must take less than that.)"""
-
-    def __init__(self, runtime):
-        self.runtime, self.signum, self.previous = runtime, 0, {}
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                # a background job ignores Ctrl-C: keep it so
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    self.previous[sig] = signal.signal(sig, self.note)
-
-    def note(self, signum, frame):
-        if signum == self.signum:  # asked twice: stop now, as if we had never caught it
-            self.close()
-            signal.raise_signal(signum)
-        self.signum = self.signum or signum
-
-    def agreed(self):
-        """The signal number if any process got one (after this step), else 0."""
-        if self.runtime.world_size == 1:
-            return self.signum
-        flag = torch.tensor([self.signum])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
-                                     group=self.runtime.control_group)
-        return int(flag)
-
-    def exit(self, signum, at, path):
-        if self.runtime.world_size > 1:
-            # rank 0 has written the resume point
-            torch.distributed.barrier(group=self.runtime.control_group)
-        if self.runtime.is_main:
-            where = (f"epoch {at.epoch + 1}, batch {at.batch}" if at.batch else
-                     f"the end of epoch {at.epoch}")
-            how = ("rerun the same torchrun command with --resume"
-                   if self.runtime.world_size > 1 else
-                   f"python {shlex.join(sys.argv)}{'' if '--resume' in sys.argv else ' --resume'}")
-            print(f"\n{signal.Signals(signum).name}: stopped after step {at.step} ({where}); "
-                  f"resume point {path}\nto resume: {how}", flush=True)
-        raise SystemExit(128 + signum)
-
-    def close(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
 
 
 def log_progress(bar, running, at, runtime, steps_per_epoch, seconds):

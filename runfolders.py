@@ -251,7 +251,7 @@ NOT_THE_EXPERIMENT = {"seed", "seeds", "out", "resume", "device", "data", "data_
 
 
 # Flags that came after runs were first saved, with the value a run saved before them ran with: a
-# config.json or resume point that lacks one ran with this value (loop.changed_flags, and
+# config.json or resume point that lacks one ran with this value (resume.changed_flags, and
 # experiment_key, so that an old seed and a new one of one experiment are grouped together).
 ADDED_FLAGS = {"llrd": 1.0, "reinit_top": 0, "rdrop": 0.0, "teacher": None, "distill_alpha": 0.5,
                "distill_t": 2.0, "unlabeled": 0, "pseudo_threshold": None,

@@ -7,6 +7,7 @@ import bert
 import common
 import fewsample
 import loop
+import resume
 import train_lora
 
 
@@ -102,6 +103,7 @@ def test_resuming_a_run_from_before_these_flags_accepts_them_off_only():
     """A resume point written before --llrd existed has no "llrd": resuming with --llrd 1 (what it
     ran with) goes on, with --llrd 0.9 it is a change of flags."""
     then = {"lr": 5e-5, "epochs": 1}
-    assert loop.changed_flags(then, {"lr": 5e-5, "epochs": 1, "llrd": 1.0, "rdrop": 0.0}) == {}
-    assert loop.changed_flags(then, {"lr": 5e-5, "epochs": 1, "llrd": 0.9}) == {"llrd": (1.0, 0.9)}
-    assert loop.changed_flags({**then, "llrd": 0.9}, {**then, "llrd": 0.9}) == {}
+    assert resume.changed_flags(then, {"lr": 5e-5, "epochs": 1, "llrd": 1.0, "rdrop": 0.0}) == {}
+    assert resume.changed_flags(then, {"lr": 5e-5, "epochs": 1, "llrd": 0.9}) == {
+        "llrd": (1.0, 0.9)}
+    assert resume.changed_flags({**then, "llrd": 0.9}, {**then, "llrd": 0.9}) == {}

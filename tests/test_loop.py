@@ -1,7 +1,7 @@
-"""The training loop's machinery (loop.py and awp.py): the device-side running loss, resume points
-inside an epoch (SIGKILL, SIGTERM), two processes under torchrun against one with --grad-accum 2,
-adversarial weight perturbation, --precision and --compile. Tiny random BERTs and LSTMs on real
-rows: what is checked is the machinery, not what the models learn."""
+"""The training loop's machinery (loop.py, resume.py, awp.py): the device-side running loss,
+resume points inside an epoch (SIGKILL, SIGTERM), two processes under torchrun against one with
+--grad-accum 2, adversarial weight perturbation, --precision and --compile. Tiny random BERTs and
+LSTMs on real rows: what is checked is the machinery, not what the models learn."""
 import argparse
 import json
 import shlex
@@ -21,6 +21,7 @@ import awp
 import bert
 import common
 import loop
+import resume
 import run
 import runfolders
 import train_lora
@@ -259,7 +260,7 @@ def test_a_signal_is_noted_once_and_the_same_signal_twice_stops_at_once():
     # A job started in the background (nohup, `cmd &` in a script) inherits SIGINT ignored, and
     # StopSignal rightly leaves it so; this test is about a foreground run, so it is one.
     sigint_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    stop = loop.StopSignal(CPU)
+    stop = resume.StopSignal(CPU)
     try:
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGTERM)
