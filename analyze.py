@@ -335,8 +335,8 @@ def score_todays_news(paths, device="auto"):
     votes = [run for run in todo if common.load_json(run / "config.json").get("script") == "vote"]
     for run in [run for run in todo if run not in votes] + votes:  # members before their votes
         if run in votes:
-            weights = common.load_json(run / "metrics.json")["weights"]
-            today = vote.vote_on_cases([Path(m) for m in weights], list(weights.values()))
+            members = runfolders.vote_members(run)
+            today = vote.vote_on_cases([m for _, m, _ in members], [w for _, _, w in members])
             if today is None:
                 print(f"{run}: a member has no scores on today's news; left as it was")
                 continue

@@ -92,8 +92,8 @@ def distill_loss(logits, labels, soft=None, alpha=0.0, temperature=1.0):
 # The teacher and the rows it speaks for
 # --------------------------------------------------------------------------------------------------
 def teacher_members(teacher):
-    """[(run folder, weight)] of a teacher: a vote folder's members and fitted weights, or one run
-    with weight 1."""
+    """[(name, run folder, weight)] of a teacher: a vote folder's members and fitted weights
+    (runfolders.vote_members), or one run with weight 1."""
     teacher = Path(teacher)
     if not (teacher / "config.json").exists() or not runfolders.is_finished(teacher):
         raise common.UserError(f"--teacher {teacher}: not a finished run or vote (config.json and "
@@ -101,14 +101,13 @@ def teacher_members(teacher):
                                f"vote its seeds with vote.py --out")
     config = common.load_json(teacher / "config.json")
     if config.get("script") == "vote":
-        weights = common.load_json(teacher / "metrics.json")["weights"]
-        return [(Path(run), weight) for run, weight in weights.items()]
-    return [(teacher, 1.0)]
+        return runfolders.vote_members(teacher)
+    return [(str(teacher), teacher, 1.0)]
 
 
 def check_same_rows(members, train):
     """Every member learned from exactly these labelled rows, or one line says which did not."""
-    for run, _ in members:
+    for _, run, _ in members:
         seen = common.load_json(run / "metrics.json").get("fingerprints", {}).get("train")
         if seen != train.fingerprint():
             raise common.UserError(
@@ -121,7 +120,7 @@ def teacher_probs(members, texts, runtime):
     """The teacher's probabilities (N, 4) for the texts: the weighted mean of its members', each
     member reading them through its own tokenizer, as vote.py does."""
     total = np.zeros((len(texts), common.NUM_CLASSES))
-    for run, weight in members:
+    for _, run, weight in members:
         model, tokenizer, config = runfolders.load_run(run, runtime.device)
         total += weight * common.predict_texts(model, tokenizer, config["args"]["max_len"], texts,
                                                runtime, desc=f"teacher {run}")
@@ -129,11 +128,13 @@ def teacher_probs(members, texts, runtime):
 
 
 def teacher_fingerprint(members):
-    """A short hash of who the teacher is: each member's folder, weight and recorded test scores
-    (a retrained or replaced member scores differently). Not of its probabilities, whose last bits
-    may change with the number of threads of the machine that resumes."""
-    record = [(str(run), round(weight, 6), common.load_json(run / "metrics.json").get("test"))
-              for run, weight in members]
+    """A short hash of who the teacher is: each member's name (as the vote names it, wherever the
+    command runs from), weight and recorded test scores (a retrained or replaced member scores
+    differently). Not of its probabilities, whose last bits may change with the number of threads
+    of the machine that resumes."""
+    record = [(str(Path(name)), round(weight, 6),
+               common.load_json(run / "metrics.json").get("test"))
+              for name, run, weight in members]
     return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -30,11 +30,9 @@ def training_rows(run):
     if "train" in metrics.get("rows", {}):
         return metrics["rows"]["train"]
     config = common.load_json(Path(run) / "config.json")
-    if config.get("script") == "vote" and config.get("members"):
-        member = Path(config["members"][0])
-        member_runs = runfolders.find_runs(member) if member.exists() else []
-        if member_runs:
-            return training_rows(member_runs[0])
+    if config.get("script") == "vote" and metrics.get("weights"):
+        [(_, first, _), *_] = runfolders.vote_members(run)
+        return training_rows(first)
     raise common.UserError(f"{run}/metrics.json: no training row count")
 
 

@@ -147,6 +147,26 @@ def load_run(run_dir, device="cpu"):
     return model.to(device).eval(), tokenizer, config
 
 
+def vote_members(vote_dir):
+    """[(name, run folder, weight)] of a vote saved by vote.py --out: each member as the vote
+    names it (the path vote.py was given, relative to the folder it ran in), where it lies, and its
+    weight. A relative name that does not lie below the current folder is looked for below the
+    vote's own folder's parents (runs/acc/ensemble_e3 names runs/acc/pooler_e3/seed0: found from
+    the project root, whichever folder reads the vote), or one line says which member is missing."""
+    vote_dir = Path(vote_dir)
+    members = []
+    for name, weight in common.load_json(vote_dir / "metrics.json")["weights"].items():
+        run = Path(name)
+        if not run.is_absolute() and not run.exists():
+            found = [base / run for base in vote_dir.resolve().parents if (base / run).exists()]
+            if not found:
+                raise common.UserError(f"{vote_dir}: its member {name} is neither below the "
+                                       f"current folder nor below a parent of the vote's")
+            run = found[0]
+        members.append((name, run, weight))
+    return members
+
+
 def load_checked(model, path, trainable_only=False):
     """Load a run's saved weights into `model`, or stop with one line listing every missing,
     unexpected and mis-shaped key. trainable_only: the file holds only the trained parameters

@@ -15,6 +15,7 @@ import torch
 
 import agnews
 import common
+import distill
 import runfolders
 import vote
 from conftest import AGNEWS_DIR, needs_rows
@@ -453,3 +454,30 @@ def test_score_cases_scores_old_runs_and_their_votes_as_a_new_run_would(tiny_lst
         assert (run / "metrics.json").stat().st_mtime == times[run]
         assert common.load_json(run / "metrics.json")["cases"] == pytest.approx(
             common.evaluate(probs, cases.labels), abs=1e-6)
+
+
+@needs_rows
+def test_a_votes_relative_members_are_found_from_another_folder(tiny_lstm_run, tmp_path,
+                                                                 monkeypatch):
+    """vote.py names its members as it was given them, relative to the folder it ran in. Read
+    from elsewhere (a git worktree whose runs/ links to the project's, a shell in another folder),
+    the vote still finds them below its own folder's parents, and a distillation teacher keeps
+    the fingerprint it has from the project root; a member that is gone is named in one line."""
+    project = tmp_path / "project"
+    for name in ("a", "b"):
+        copy_run(tiny_lstm_run, project / "runs" / name)
+    monkeypatch.chdir(project)
+    vote.main(["--runs", "runs/a", "runs/b", "--out", "runs/vote"])
+    at_home = distill.teacher_fingerprint(distill.teacher_members("runs/vote"))
+
+    monkeypatch.chdir(tmp_path)
+    members = runfolders.vote_members(project / "runs" / "vote")
+    assert [(name, run) for name, run, _ in members] == [
+        ("runs/a", project / "runs" / "a"), ("runs/b", project / "runs" / "b")]
+    assert sum(weight for _, _, weight in members) == pytest.approx(1.0)
+    assert distill.teacher_fingerprint(distill.teacher_members(project / "runs" / "vote")) == \
+        at_home
+
+    shutil.rmtree(project / "runs" / "b")
+    with pytest.raises(common.UserError, match="its member runs/b is neither below"):
+        runfolders.vote_members(project / "runs" / "vote")
