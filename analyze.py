@@ -34,7 +34,6 @@ compare.py (--compare: seeds, the paired bootstrap, McNemar) and learning_curves
 (--learning-curve, --epochs-curve). None of them imports this file.
 """
 import argparse
-import os
 import textwrap
 from functools import cache, cached_property
 from pathlib import Path
@@ -56,6 +55,7 @@ import learning_curves
 import mixup_words
 import runfolders
 import shapley
+import vote
 
 # --------------------------------------------------------------------------------------------------
 # Settings
@@ -322,41 +322,6 @@ ACTIONS = ["report", "confusion", "pca", "tsne", "tfidf", "errors", "attribution
            "contrast"]
 
 
-def score_todays_news(paths, device="auto"):
-    """Score today's news (cases/news_2020s.csv) for every finished run under `paths` that has not
-    been scored on this version of it: runs made before cases/ existed, or on an earlier version.
-    Trained runs are loaded and scored; votes are voted again from their members' new scores with
-    their own weights. metrics.json keeps its time, so --compare's order of runs is unchanged."""
-    import vote
-    cases = agnews.load_cases()
-    runtime = common.setup_runtime(device)
-    runs = sorted({run for path in paths for run in runfolders.find_runs(path)})
-    todo = [run for run in runs if runfolders.load_cases_probs(run, cases) is None]
-    votes = [run for run in todo if common.load_json(run / "config.json").get("script") == "vote"]
-    for run in [run for run in todo if run not in votes] + votes:  # members before their votes
-        if run in votes:
-            members = runfolders.vote_members(run)
-            today = vote.vote_on_cases([m for _, m, _ in members], [w for _, _, w in members])
-            if today is None:
-                print(f"{run}: a member has no scores on today's news; left as it was")
-                continue
-            probs = today[0]
-        else:
-            model, tokenizer, config = runfolders.load_run(run, runtime.device)
-            probs = common.predict_texts(model, tokenizer, config["args"]["max_len"],
-                                         cases.texts, runtime, desc=f"today's news, {run}")
-        metrics_path = run / "metrics.json"
-        metrics, mtime = common.load_json(metrics_path), metrics_path.stat().st_mtime
-        metrics["cases"] = common.evaluate(probs, cases.labels)
-        metrics.setdefault("rows", {})["cases"] = len(cases)
-        metrics.setdefault("fingerprints", {})["cases"] = cases.fingerprint()
-        common.save_npy(run / "cases_probs.npy", probs.astype(np.float32))
-        common.save_json(metrics_path, metrics)
-        os.utime(metrics_path, (mtime, mtime))
-        print(f"{run}: today's news macro F1 {metrics['cases']['macro_f1']:.4f}")
-    print(f"today's news: {len(todo)} of {len(runs)} runs scored now, the others had it")
-
-
 def shap_samples(text):
     """argparse type of --shap-samples: shapley.check_shap_samples's rule, checked while the
     command line is read."""
@@ -455,7 +420,7 @@ def main(argv=None):
     if (args.compare is not None or args.learning_curve or args.epochs_curve
             or args.score_cases):  # many runs
         if args.score_cases:
-            score_todays_news(args.score_cases, args.device)
+            vote.score_todays_news(args.score_cases, args.device)
         if args.compare is not None:
             compare.show_compare(args.compare or ["runs"], args.out or "runs", args.baseline,
                                  args.data, args.seed, args.compare_on)
