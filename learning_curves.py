@@ -53,10 +53,6 @@ def learning_curve(paths):
     return curves
 
 
-def mean_and_spread(f1):
-    return np.mean(f1), (np.std(f1, ddof=1) if len(f1) > 1 else 0.0)
-
-
 def plot_learning_curve(curves, path, baseline="bert_pooler"):
     """Test macro F1 against training rows (log scale), one line per experiment: the mean over
     seeds, a bar of ±1 std; experiments measured at one size only are dots. Where the baseline was
@@ -71,7 +67,7 @@ def plot_learning_curve(curves, path, baseline="bert_pooler"):
     for k, (name, by_study) in enumerate(sorted(curves.items())):
         style, color = ("-" if name.startswith(("bert", "lora")) else "--"), plt.cm.tab20(k % 20)
         points = sorted(by_study.values())
-        means, stds = zip(*(mean_and_spread(f1) for _, f1 in points))
+        means, stds = zip(*(compare.mean_std(f1) for _, f1 in points))
         ax.errorbar([r for r, _ in points], means, yerr=stds, fmt="o" + style, capsize=3,
                     label=name, color=color)
         gaps = sorted((rows, np.mean(f1) - base[study])
@@ -127,7 +123,7 @@ def show_epochs_curve(paths, out_dir):
     for k, (rows, by_epochs) in enumerate(sorted(curve.items())):
         epochs = sorted(by_epochs)
         # {split: [(mean, std) at each length]}
-        stats = {split: [mean_and_spread(by_epochs[e][split]) for e in epochs] for split in SPLITS}
+        stats = {split: [compare.mean_std(by_epochs[e][split]) for e in epochs] for split in SPLITS}
         for split, style in zip(SPLITS, ("-", "--")):
             means, stds = zip(*stats[split])
             ax.errorbar(epochs, means, yerr=stds, fmt="o" + style, capsize=3,
@@ -161,7 +157,7 @@ def show_learning_curve(paths, out_dir):
                 cells.append("-")
                 continue
             rows, f1 = by_study[study]
-            mean, std = mean_and_spread(f1)
+            mean, std = compare.mean_std(f1)
             cells.append(f"{mean:.4f} ± {std:.4f} ({rows:,} rows, {len(f1)} seeds)")
         print(f"| {name} | " + " | ".join(cells) + " |")
     return plot_learning_curve(curves, Path(out_dir) / "learning_curve.png")
