@@ -8,8 +8,8 @@ A text arrives as token ids (B, T) with an attention mask (B, T) that is False a
 from_pretrained() loads HuggingFace's model.safetensors through a name map, so MiniLM or bert-base
 weights drop straight in; tests/test_bert.py finds our outputs equal to transformers.BertModel's to
 1e-5 on the same padded batch. Then the heads (the study's pooler, fc, lstm, textcnn, mlp_res and
-attention pooling, whose fused kernel is kernels/attn_pool.py; and mean, MiniLM's own pooling) and
-BertClassifier = encoder + head.
+attention pooling, whose fused kernel is fused_kernels/attn_pool.py; and mean, MiniLM's own
+pooling) and BertClassifier = encoder + head.
 Read this first; next: loop.py, which trains it.
 """
 import importlib
@@ -353,7 +353,8 @@ class MLPResHead(nn.Module):
 class AttnPoolHead(nn.Module):
     """Learned attention pooling: score s_t = h_t . w + b - penalty_t, a = softmax over real tokens,
     feature = sum_t a_t h_t. penalty_t = lambda where token t is a listed confusing word, so the
-    pooling learns to lean on other words. Fused Triton kernel on CUDA (kernels/attn_pool.py)."""
+    pooling learns to lean on other words. Fused Triton kernel on CUDA
+    (fused_kernels/attn_pool.py)."""
 
     def __init__(self, hidden_size, penalty_table=None, penalty=0.0, **_):
         super().__init__()
@@ -365,7 +366,7 @@ class AttnPoolHead(nn.Module):
         self.last_weights = None  # (B, T) attention weights of the last batch, for analyze.py
 
     def forward(self, hidden, mask, input_ids):
-        from kernels.attn_pool import attn_pool, penalty_for_ids
+        from fused_kernels.attn_pool import attn_pool, penalty_for_ids
         if self.penalty_table is not None and self.penalty:
             penalty = penalty_for_ids(input_ids, self.penalty_table, self.penalty)   # (B, T)
         else:
@@ -460,7 +461,7 @@ def build_bert_classifier(config, pretrained=True, run_dir=None):
         if config["head"] != "attnpool":
             raise common.UserError(f"--penalty-words goes with --head attnpool, "
                                    f"not --head {config['head']}")
-        from kernels.attn_pool import load_penalty_table
+        from fused_kernels.attn_pool import load_penalty_table
         try:
             table = load_penalty_table(penalty_words, tokenizer, bert.config.vocab_size)
         except ValueError as err:

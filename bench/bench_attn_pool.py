@@ -3,7 +3,7 @@ Benchmark: fused Triton attention pooling against eager PyTorch and torch.compil
 ==================================================================================
 
 For each shape (B rows, T tokens, D features) and input dtype, times the forward pass and the
-forward + backward pass of three implementations of kernels/attn_pool.py's operation:
+forward + backward pass of three implementations of fused_kernels/attn_pool.py's operation:
 
     eager    attn_pool_reference, plain torch
     compile  torch.compile(attn_pool_reference), compiled once per shape (dynamic=False)
@@ -167,7 +167,7 @@ def compiled_reference(attn_pool_reference, device):
 def main():
     args = parse_args()
     if args.cpu_smoke:
-        # Must be set before kernels.attn_pool decorates its kernels with triton.jit.
+        # Must be set before fused_kernels.attn_pool decorates its kernels with triton.jit.
         os.environ["TRITON_INTERPRET"] = "1"
         device, shapes = torch.device("cpu"), CPU_SMOKE_SHAPES
     elif torch.cuda.is_available():
@@ -177,7 +177,7 @@ def main():
               "(--cpu-smoke runs one tiny shape on CPU)")
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels.attn_pool import attn_pool, attn_pool_reference
+    from fused_kernels.attn_pool import attn_pool, attn_pool_reference
 
     torch.manual_seed(args.seed)
     timer = make_timer(device)

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 # Tests run on CPU, where the Triton kernels run under the interpreter. Triton reads this when a
-# kernel is defined, so it must be set before any test module imports kernels/ (some do through
-# bert.py's attnpool head), whatever order the files run in.
+# kernel is defined, so it must be set before any test module imports fused_kernels/ (some do
+# through bert.py's attnpool head), whatever order the files run in.
 os.environ["TRITON_INTERPRET"] = "1"
 
 

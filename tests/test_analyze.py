@@ -23,7 +23,7 @@ import explain
 import mixup_words
 import train_lstm
 from conftest import AGNEWS_DIR, needs_rows
-from kernels.attn_pool import load_penalty_table
+from fused_kernels.attn_pool import load_penalty_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

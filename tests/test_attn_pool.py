@@ -16,8 +16,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import kernels.attn_pool  # noqa: E402
-from kernels.attn_pool import (attn_pool, attn_pool_reference, load_penalty_table,  # noqa: E402
+import fused_kernels.attn_pool  # noqa: E402
+from fused_kernels.attn_pool import (attn_pool, attn_pool_reference, load_penalty_table,  # noqa: E402
                                penalty_for_ids)
 
 # Both sides compute in fp32 from the same inputs, in different orders of summation.
@@ -34,7 +34,7 @@ def small_tiles(monkeypatch):
     """Tiles of 512 elements: at these small shapes each row then spans several chunks of several
     tiles each, as on the GPU, so the online softmax's rescaling and the merge of chunks both
     run."""
-    monkeypatch.setattr(kernels.attn_pool, "TILE_ELEMENTS", 512)
+    monkeypatch.setattr(fused_kernels.attn_pool, "TILE_ELEMENTS", 512)
 
 
 def fresh_seed():

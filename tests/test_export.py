@@ -2,6 +2,7 @@
 pipeline and AutoModelForSequenceClassification, and peft's PeftModel on the exported base, must
 give the probabilities the run itself saved (test_probs.npy) on the same real test rows; other heads
 and broken run folders stop with one line; the folder appears whole or not at all."""
+import ast
 import os
 import shutil
 import subprocess
@@ -293,3 +294,23 @@ def test_an_unfinished_run_is_refused_with_one_line(pooler_run, tmp_path, unfini
             and ("no metrics.json" if skip else runfolders.RESUME_FILE) in result.stderr), \
         result.stderr
     assert tree(tmp_path) == before
+
+
+def readme_snippet(name):
+    """README's ```python block that names `name`, as a new user would copy it."""
+    blocks = (ROOT / "README.md").read_text().split("```python\n")[1:]
+    return next(block.split("```")[0] for block in blocks if name in block)
+
+
+def test_readmes_pipeline_snippet_runs_from_the_project_folder(pooler_run):
+    """README's snippet, run as typed in the project folder (its cwd on sys.path, where a folder of
+    ours named like a package transformers imports would shadow it: issue 29's `kernels/`)."""
+    _, hf_dir = pooler_run
+    snippet = readme_snippet("pipeline(").replace('"hf/agnews-bert"', repr(str(hf_dir)))
+    assert repr(str(hf_dir)) in snippet                    # the snippet still names that folder
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = ast.literal_eval(result.stdout.strip())     # [{label, score}, ...], the best first
+    printed = printed[0] if isinstance(printed[0], list) else printed   # or one list per text
+    assert sorted(d["label"] for d in printed) == sorted(common.CLASS_NAMES)

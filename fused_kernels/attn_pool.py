@@ -432,7 +432,7 @@ def attn_pool(hidden, mask, penalty, w, bias, use_triton=None):
 # word).
 
 CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]   # as in common.py; kept here so the
-                                                            # kernels package stands alone
+                                                            # fused_kernels package stands alone
 
 
 def load_penalty_table(path, tokenizer, vocab_size):
