@@ -79,6 +79,27 @@ def clean_text(text):
     return " ".join(text.split())
 
 
+def decode_utf8(raw):
+    """UTF-8 text, without the byte-order mark Excel and Notepad put first: kept, it would be part
+    of the first field (the header `\ufefflabel,text`, the class `\ufeff"3"`)."""
+    return raw.decode("utf-8-sig")
+
+
+def undecodable_line(err):
+    """The line number of the bytes a UnicodeDecodeError stopped at (err.object is what was decoded:
+    with a byte-order mark, the bytes after it)."""
+    return err.object[: err.start].count(b"\n") + 1
+
+
+def csv_problem(err):
+    """A csv.Error in words: the one a user can fix without knowing the csv module is a field over
+    its size limit (a whole article pasted in one cell)."""
+    if "field larger than field limit" in str(err):
+        return (f"a field longer than the CSV reader's limit of {csv.field_size_limit():,} "
+                f"characters; shorten it (the model reads only the start of a text)")
+    return f"malformed CSV ({err})"
+
+
 def load_csv(path):
     """Read one canonical AG News CSV: no header, every row "class 1..4","title","description".
     Any bad row stops the run with file:line and the reason; nothing is dropped silently."""
@@ -88,10 +109,10 @@ def load_csv(path):
     except OSError as err:
         raise common.UserError(f"{path}: cannot read ({err.strerror})") from None
     try:
-        content = raw.decode("utf-8")
+        content = decode_utf8(raw)
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise common.UserError(f"{path}:{line}: bytes that are not UTF-8 ({err.reason})") from None
+        raise common.UserError(f"{path}:{undecodable_line(err)}: bytes that are not UTF-8 "
+                               f"({err.reason})") from None
     texts, labels = [], []
     # line ends as csv expects them
     reader = csv.reader(io.StringIO(content, newline=""), strict=True)
@@ -112,7 +133,7 @@ def load_csv(path):
             texts.append(text)
             labels.append(int(label) - 1)
     except csv.Error as err:
-        raise common.UserError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+        raise common.UserError(f"{path}:{reader.line_num}: {csv_problem(err)}") from None
     if not texts:
         raise common.UserError(f"{path}: no rows")
     return Split(texts, np.array(labels, dtype=np.int64))
@@ -143,6 +164,8 @@ def fetch_and_check_ag_news(data_dir):
         archive = Path(tmp) / "ag_news_csv.tgz"
         try:
             common.download(AGNEWS_URL, archive)
+        except common.UserError:
+            raise  # a full disk is no network trouble (common.CannotWrite is an OSError too)
         except OSError as err:
             raise common.UserError(
                 f"cannot download AG News ({err}). Offline? Put the release's train.csv and "
@@ -151,10 +174,16 @@ def fetch_and_check_ag_news(data_dir):
         names = ("train.csv", "test.csv", "classes.txt")
         try:
             with tarfile.open(archive) as tar:
-                for name in names:
-                    (Path(tmp) / name).write_bytes(tar.extractfile(f"ag_news_csv/{name}").read())
+                contents = {name: tar.extractfile(f"ag_news_csv/{name}").read() for name in names}
         except (tarfile.TarError, KeyError, OSError) as err:
             raise common.UserError(f"{AGNEWS_URL}: not the AG News archive ({err})") from None
+        for name, content in contents.items():
+            try:  # apart from reading the archive: a full disk is not a bad archive
+                (Path(tmp) / name).write_bytes(content)
+            except OSError as err:
+                raise common.cannot_write(data_dir / name, err, elsewhere="pass --data with a "
+                                          "folder that holds the release's train.csv and "
+                                          "test.csv") from None
         if md5_of(Path(tmp) / "test.csv") != AGNEWS_TEST_MD5:
             raise common.UserError(f"{AGNEWS_URL}: its test.csv differs from the official test set "
                                    f"(checksum)")
@@ -251,6 +280,10 @@ def parse_label(field):
     return names.index(field.lower()) if field.lower() in names else None
 
 
+# A cases file's header: label,text, either name in quotes or not, any case, spaces around
+HEADER = re.compile(r'\s*("?)label\1\s*,\s*("?)text\2\s*', re.IGNORECASE)
+
+
 def read_cases(path):
     """A file of your own cases (vote.py --file, serve.py --file, cases/news_2020s.csv): one text a
     line, or, in a .csv file or one whose first line is the header `label,text`, CSV rows
@@ -260,19 +293,22 @@ def read_cases(path):
     skipped. Returns [(label or None, text)]."""
     path = Path(path)
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
+        # Split at \n only: str.splitlines also splits at U+2028, \x85, \x0c and more, which turn
+        # up inside headlines copied from web pages, and would cut one case in two.
+        lines = [line.removesuffix("\r") for line in decode_utf8(path.read_bytes()).split("\n")]
     except OSError as err:
         raise common.UserError(f"{path}: cannot read ({err.strerror})") from None
     except UnicodeDecodeError as err:
-        line = err.object[: err.start].count(b"\n") + 1
-        raise common.UserError(f"{path}:{line}: bytes that are not UTF-8") from None
+        raise common.UserError(f"{path}:{undecodable_line(err)}: bytes that are not "
+                               f"UTF-8") from None
     numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     while path.suffix.lower() == ".csv" and numbered and numbered[0][1].lstrip().startswith("#"):
         numbered = numbered[1:]  # a CSV file's opening comment: how it was made
     if not numbered:
         raise common.UserError(f"{path}: no texts")
-    first = [f.strip().lower() for f in next(csv.reader([numbered[0][1]]))]
-    header = first == ["label", "text"]
+    # Not through csv: a text file's first line may be any text (a 1 MB one, a stray quote), and
+    # the csv module would stop on it before we know whether the file is CSV at all.
+    header = HEADER.fullmatch(numbered[0][1]) is not None
     labelled = header or path.suffix.lower() == ".csv"
     if header:
         numbered = numbered[1:]
@@ -284,9 +320,11 @@ def read_cases(path):
         label, text = None, line
         if labelled:
             try:
-                fields = next(csv.reader([line], strict=True))
+                # a lone \r is a line break only to splitlines; in a case it is a space (as
+                # clean_text makes it), and csv would refuse it outside quotes
+                fields = next(csv.reader([line.replace("\r", " ")], strict=True))
             except csv.Error as err:
-                raise common.UserError(f"{path}:{n}: malformed CSV ({err})") from None
+                raise common.UserError(f"{path}:{n}: {csv_problem(err)}") from None
             label = parse_label(fields[0]) if len(fields) >= 2 else None
             if label is None:
                 raise common.UserError(f"{path}:{n}: expected label,text with label 1..4 or one of "

@@ -252,7 +252,10 @@ def resolve_model(name):
             if not (folder / file).exists():
                 url = common.HF_URL.format(repo=f"google-bert/{name}", file=file)
                 try:
-                    common.download(url, folder / file)
+                    common.download(url, folder / file, elsewhere="set AGNEWS_LAB_CACHE to a "
+                                                                  "folder on another disk")
+                except common.UserError:  # a full or read-only disk: already one line
+                    raise
                 except OSError as err:
                     raise common.UserError(
                         f"cannot download {name}/{file} from the HuggingFace hub ({err}); offline, "

@@ -15,7 +15,9 @@ training scripts, vote.py, analyze.py with mixup_words.py, explain.py, shapley.p
 learning_curves.py. Nothing here imports them, so the imports point one way.
 """
 import contextlib
+import errno
 import functools
+import io
 import json
 import math
 import os
@@ -58,12 +60,24 @@ class UserError(Exception):
     exit 2."""
 
 
+class CannotWrite(UserError, OSError):
+    """A disk that refused a file (full, read-only, not ours): a UserError, so scripts print it as
+    one line, and an OSError with its errno, so code that survives a failed write (eda.py's synonym
+    cache) still does."""
+
+
 def run_main(main):
-    """Call main(); a UserError becomes one clear line on stderr instead of a traceback wall."""
+    """Call main(); a UserError becomes one clear line on stderr instead of a traceback wall, and
+    so does a disk that refuses a write the helpers below did not make (a run folder's mkdir)."""
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in WRITE_ADVICE or not isinstance(err.filename, (str, os.PathLike)):
+            raise  # not the disk's doing, or no file to name: the traceback is the lead
+        print(f"error: {cannot_write(err.filename, err)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -129,28 +143,81 @@ def no_empty_folders_left(folder, take_back=lambda folder: False):
             if made == folder and made.is_dir() and take_back(made):
                 shutil.rmtree(made)
             elif made.is_dir() and not any(made.iterdir()):
-                made.rmdir()
+                with contextlib.suppress(OSError):  # a disk gone read-only: the error says so
+                    made.rmdir()
         raise
 
 
-def atomic_write(path, write_fn):
+# What to do when the disk refuses a file, by errno: the errors a user fixes by freeing space or
+# writing elsewhere, which get one line instead of a traceback. {elsewhere} says how to write
+# elsewhere: by default "pass --out", the flag (export.py: the argument) naming where scripts write.
+WRITE_ADVICE = {errno.ENOSPC: "free some space, or {elsewhere} on another disk",
+                errno.EDQUOT: "free some of your disk quota, or {elsewhere} on another disk",
+                errno.EFBIG: "{elsewhere} on a disk that takes larger files",
+                errno.EROFS: "{elsewhere} on a writable disk",
+                errno.EACCES: "{elsewhere} in a folder you may write in",
+                errno.EPERM: "{elsewhere} in a folder you may write in"}
+
+
+def error_number(err):
+    """The errno of a failed write: an OSError's own, or the one in the message of a writer written
+    in Rust (safetensors, tokenizers: "No space left on device (os error 28)"), else None."""
+    if isinstance(err, OSError):
+        return err.errno
+    # "(os error 28)" in today's safetensors and tokenizers; "Os { code: 28, ..." in safetensors 0.4
+    found = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(err))
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+def cannot_write(path, err, elsewhere="pass --out"):
+    """The CannotWrite for `err`, met writing `path`: the file, the reason, and what to do. An
+    OSError about a folder above the file (mkdir) names that folder too."""
+    path, code = Path(path), error_number(err)
+    reason = os.strerror(code) if code else str(err)
+    filename = getattr(err, "filename", None)
+    if filename and Path(filename) != path and Path(filename).parent != path.parent:
+        reason += f" ({filename})"
+    advice = WRITE_ADVICE.get(code)
+    error = CannotWrite(f"cannot write {path}: {reason}"
+                        + (f"; {advice.format(elsewhere=elsewhere)}" if advice else ""))
+    error.errno = code
+    return error
+
+
+def atomic_write(path, write_fn, elsewhere="pass --out"):
     """write_fn(tmp_path) writes a temp file beside `path`, then one rename makes it appear whole.
-    A run killed mid-write leaves the old file (or none), never half of one."""
+    A run killed mid-write leaves the old file (or none), never half of one; a disk that is full or
+    read-only is a UserError naming `path` (elsewhere: how to write somewhere else instead). On any
+    error the folders made for `path` go too, where left empty (analyze.py --out figs/)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it owner-only; give it what open() would have
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with no_empty_folders_left(path.parent):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+        except OSError as err:  # any: nothing but the disk is involved yet
+            raise cannot_write(path, err, elsewhere) from None
+        try:
+            try:
+                write_fn(tmp)
+            except Exception as err:
+                # Only the disk's refusals: a failed download (agnews says "Offline?") or a bug in
+                # write_fn must reach its caller as it is.
+                if error_number(err) not in WRITE_ADVICE:
+                    raise
+                raise cannot_write(path, err, elsewhere) from None
+            try:
+                os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it owner-only; as open() would make
+                os.replace(tmp, path)
+            except OSError as err:  # e.g. `path` is a folder
+                raise cannot_write(path, err, elsewhere) from None
+        finally:
+            with contextlib.suppress(OSError):  # on a disk gone read-only it stays: nothing to do
+                os.remove(tmp)
 
 
-def download(url, dest):
-    """Plain HTTPS download with a progress bar, written atomically."""
+def download(url, dest, elsewhere="download it"):
+    """Plain HTTPS download with a progress bar, written atomically (elsewhere: atomic_write's)."""
     def write(tmp):
         with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length", 0)) or None
@@ -158,7 +225,7 @@ def download(url, dest):
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     f.write(chunk)
                     bar.update(len(chunk))
-    atomic_write(dest, write)
+    atomic_write(dest, write, elsewhere)
 
 
 def save_json(path, obj):
@@ -194,8 +261,13 @@ def load_weights(path, with_metadata=False):
 
 def save_npy(path, array):
     def write(tmp):
+        # Through bytes, not np.save(f): into a real file numpy writes with C's fwrite, and a full
+        # disk then reads "100000 requested and 16352 written", no errno to say it was the disk.
+        # (The arrays saved are probabilities, N x 4: small.)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            f.write(buffer.getbuffer())
     atomic_write(path, write)
 
 

@@ -76,6 +76,7 @@ def gather_experiments(paths):
     if not runs:
         raise common.UserError(f"--compare: no finished runs under {', '.join(map(str, paths))}")
     runs = runfolders.largest_group_on_same_rows(runs, "compared")
+    runfolders.note_mixed_data(runs, "compared")
     groups, seen = {}, {}
     # Newest first: of two runs of one experiment with one seed, the newer counts.
     for run in reversed(runs):

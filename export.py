@@ -33,14 +33,12 @@ cuts a text the same way, but only when asked. Without it, a longer text is read
 classified differently.
 
 DIR is built in a temp folder beside it and renamed into place, so it appears whole or not at all;
-an existing DIR is kept unless --force.
+an existing DIR is kept unless --force, which replaces only an earlier export (it holds
+agnews_export.json), never a run or another folder.
 """
 import argparse
-import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -66,16 +64,7 @@ def check_exportable(run_dir, peft):
     """The run's config.json, if transformers has a class for what it trained; else one clear line.
     Read before any weight is loaded, so a refusal costs nothing."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise common.UserError(f"{run_dir}: no config.json (not a finished run folder)")
-    # As vote.py and analyze.py: a run without metrics.json, or with a resume point, stopped
-    # before its last epoch, and its weights are not the ones its scores describe.
-    if not (run_dir / "metrics.json").exists():
-        raise common.UserError(f"{run_dir}: no metrics.json, so not a finished run; only "
-                               f"finished runs export")
-    if not runfolders.is_finished(run_dir):
-        raise common.UserError(f"{run_dir}: holds a resume point ({runfolders.RESUME_FILE}), so "
-                               f"the run is unfinished: finish it with --resume, then export it")
+    runfolders.check_finished(run_dir)   # the rule vote, analyze, serve and --teacher follow too
     config = common.load_json(run_dir / "config.json")
     script = config.get("script")
     if script == "train_lstm":
@@ -154,10 +143,13 @@ def write_tokenizer(folder, model_dir, max_len):
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        tokenizer.save(str(folder / "tokenizer.json"))
+        # Through common's writer, as every file here: a full disk is one line naming the file
+        # (tokenizers itself raises a bare Exception, shutil an OSError without the file's name).
+        common.atomic_write(folder / "tokenizer.json", tokenizer.save)
     for name in ("vocab.txt", "special_tokens_map.json"):  # vocab.txt: for the slow BertTokenizer
         if (model_dir / name).exists():
-            shutil.copyfile(model_dir / name, folder / name)
+            common.atomic_write(folder / name,
+                                lambda tmp, source=model_dir / name: shutil.copyfile(source, tmp))
     # Uncased WordPiece, as common.load_tokenizer builds it from vocab.txt (lowercase=True).
     common.save_json(folder / "tokenizer_config.json",
                      {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
@@ -219,60 +211,15 @@ def write_adapter(folder, model, config, base_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Writing a folder whole or not at all
+# What marks an export
 # --------------------------------------------------------------------------------------------------
-@contextmanager
-def folder_written_atomically(out, force):
-    """Yield a temp folder beside `out`; when the block ends without error, it becomes `out` by a
-    rename. On any error the temp folder (and any parent folder made for it) is removed, and an old
-    `out` stays as it was. With force, an old `out` is renamed aside, the new one renamed in, then
-    the old one deleted: the one moment without `out` is between two renames."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise common.UserError(f"{out} already exists: pass --force to replace it")
-    check_target(out)
-    with common.no_empty_folders_left(out.parent):
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-        except OSError as err:  # e.g. a folder we may not write in
-            raise common.UserError(f"{out}: cannot create it ({err.strerror}: "
-                                   f"{err.filename})") from None
-        old = None
-        try:
-            yield tmp
-            permissions_as_usual(tmp)
-            if out.exists():
-                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-                os.replace(out, old / out.name)
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                if old is not None:  # put the old one back
-                    os.replace(old / out.name, out)
-                raise
-        finally:
-            for leftover in (tmp, old):
-                if leftover is not None and leftover.exists():
-                    shutil.rmtree(leftover)
+# Written into every export: --force replaces a folder that holds it (an earlier export), never a
+# run or anything else.
+EXPORT_MARKER = "agnews_export.json"
 
 
-def check_target(out):
-    """One line, before anything is made, where `out` cannot become a folder: a file on its path
-    (mkdir would stop with FileExistsError or NotADirectoryError)."""
-    for above in Path(out).parents:  # innermost first
-        if above.exists():  # False for a path that runs through a file
-            if not above.is_dir():
-                raise common.UserError(f"{out}: {above} is a file, so no folder can be made "
-                                       f"under it; choose another folder")
-            return
-
-
-def permissions_as_usual(folder):
-    """mkdtemp makes an owner-only folder (0700); a folder made to be shared gets what mkdir and
-    open would have given it: 0777 and 0666, less the umask."""
-    for path in [folder, *folder.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~common.UMASK)
+def is_export(folder):
+    return (Path(folder) / EXPORT_MARKER).is_file()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,14 +244,16 @@ def main(argv=None):
                                f"choose another folder")
     if out.resolve().is_relative_to(run_dir.resolve()) and out.exists():
         raise common.UserError(f"{out}: part of the run folder {run_dir}; choose another folder")
-    check_target(out)  # before the slow part; checked again when writing
-    if out.exists() and not args.force:
-        raise common.UserError(f"{out} already exists: pass --force to replace it")
+    # Before the slow part; checked again when writing.
+    runfolders.check_target(out)
+    runfolders.check_replaceable(out, args.force, is_export, "an export")
 
     check_exportable(run_dir, args.peft)
     model, _, config = runfolders.load_run(run_dir)   # a LoRA run comes back merged
     model_dir = bert.resolve_model(config["model"])
-    with folder_written_atomically(out, args.force) as tmp:
+    with runfolders.folder_written_atomically(out, args.force, is_export, "an export") as tmp:
+        common.save_json(tmp / EXPORT_MARKER, {"run": str(run_dir.resolve()),
+                                               "script": config["script"], "peft": args.peft})
         write_model(tmp, model.bert, model.classifier.weight, model.classifier.bias, config)
         write_tokenizer(tmp, model_dir, config["max_len"])
         if args.peft:

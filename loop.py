@@ -90,6 +90,8 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
     if args.resume and resume_point.path.exists():
         at, sums = resume_point.load()
         running = RunningLoss(device, **sums) if sums else None
+    elif args.resume and runtime.is_main:
+        print(f"--resume: no resume point in {run_dir}, so the run starts from its first step")
     stop = resume.StopSignal(runtime)
     try:
         for epoch in range(at.epoch, args.epochs):
@@ -129,8 +131,9 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
                 at.step, at.batch = at.step + 1, i + 1
 
                 if at.step % args.log_every == 0:
-                    log_progress(bar, running, at, runtime, steps_per_epoch,
-                                 time.perf_counter() - t0)
+                    loss = log_progress(bar, running, at, runtime, steps_per_epoch,
+                                        time.perf_counter() - t0)
+                    stop_if_diverged("the training loss", loss, at, args.lr)
                     next_line = time.perf_counter() + common.PROGRESS_EVERY_S
                 elif bar.disable and runtime.is_main and time.perf_counter() >= next_line:
                     say_where(at, running, steps_per_epoch, time.perf_counter() - t0)
@@ -145,8 +148,8 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
                         stop.exit(signum, at, resume_point.path)
             bar.close()
 
-            record = end_of_epoch(epoch, model, data["val"], runtime, running, at.step,
-                                  time.perf_counter() - t0)
+            record = end_of_epoch(epoch, model, data["val"], runtime, running, at,
+                                  time.perf_counter() - t0, args.lr)
             at.history.append(record)
             at.epoch, at.batch, at.train_time_s = epoch + 1, 0, 0.0
             if runtime.is_main and record["val_macro_f1"] > at.best_f1:
@@ -305,19 +308,31 @@ class RunningLoss:
 
 
 
+def stop_if_diverged(what, value, at, lr):
+    """A loss or probability that is nan or inf stays so: every later step builds on it, and the
+    best epoch would be chosen among nonsense. Stop the run in one line (every process reads the
+    same all-reduced value, so all stop together); it is not finished, so nothing reads it as a
+    result. Checked where the loss is read anyway, so it costs no extra wait for the device."""
+    if not math.isfinite(value):
+        raise common.UserError(f"training diverged: {what} is {value} at step {at.step} (epoch "
+                               f"{at.epoch + 1}); the run is not finished. Lower --lr (now "
+                               f"{lr:g}) or raise --warmup")
+
+
 def log_progress(bar, running, at, runtime, steps_per_epoch, seconds):
     """Read the running loss (one wait for the device, every process) and show it: on the bar on a
-    terminal, as a short line in a log file (rank 0)."""
+    terminal, as a short line in a log file (rank 0). Returns the mean loss so far this epoch."""
     loss, accuracy = running.read(at.step, runtime.world_size)
     samples_s = running.read_sums[2] / seconds
     if not runtime.is_main:
-        return
+        return loss
     if bar.disable:
         step_in_epoch = at.step - at.epoch * steps_per_epoch
         print(f"epoch {at.epoch + 1} step {step_in_epoch}/{steps_per_epoch}: loss {loss:.4f} "
               f"acc {accuracy:.4f} {samples_s:.1f} samples/s", flush=True)
     else:
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.4f}", samples_s=f"{samples_s:.1f}")
+    return loss
 
 
 def say_where(at, running, steps_per_epoch, seconds):
@@ -329,12 +344,15 @@ def say_where(at, running, steps_per_epoch, seconds):
           f"{running.rows / seconds:.1f} samples/s (loss every --log-every steps)", flush=True)
 
 
-def end_of_epoch(epoch, model, val_split, runtime, running, step, train_time):
+def end_of_epoch(epoch, model, val_split, runtime, running, at, train_time, lr):
     """The epoch's record in the history: its training loss, accuracy and curve (read off the
-    device), time and speed, and a validation pass; printed as one line (rank 0)."""
-    train_loss, train_accuracy = running.read(step, runtime.world_size)
-    val = common.evaluate(common.predict(model, val_split, runtime, desc="scoring val"),
-                          val_split.labels)
+    device), time and speed, and a validation pass; printed as one line (rank 0). A loss or a
+    validation probability that is not finite stops the run (stop_if_diverged)."""
+    train_loss, train_accuracy = running.read(at.step, runtime.world_size)
+    stop_if_diverged("the training loss", train_loss, at, lr)
+    val_probs = common.predict(model, val_split, runtime, desc="scoring val")    # (N, 4)
+    stop_if_diverged("a validation probability", float(val_probs.sum()), at, lr)  # nan if any is
+    val = common.evaluate(val_probs, val_split.labels)
     record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
               "train_time_s": train_time, "train_samples_per_s": running.read_sums[2] / train_time,
               **{f"val_{k}": v for k, v in val.items()}, "train_loss_steps": running.curve}

@@ -131,6 +131,10 @@ def run_each_seed(args, name, train_one):
         with runfolders.no_half_made_run_left(args.out):
             return train_one(args)
     base = Path(args.out) if args.out else runfolders.default_run_dir(name, args.resume)
+    if (base / "config.json").exists() or (base / runfolders.RESUME_FILE).exists():
+        # seed<k>/ inside a run would be read as parts of it, and it as one of theirs
+        raise common.UserError(f"--seeds: {base} holds a run of its own; pass --out with a new "
+                               f"folder for the seeds")
     for seed in args.seeds:
         run_args = copy.copy(args)
         run_args.seed, run_args.out = seed, str(runfolders.seed_folder(base, seed))
@@ -142,17 +146,25 @@ def run_each_seed(args, name, train_one):
             train_one(run_args)
 
 
-def finish_run(model, data, splits, runtime, run_dir, config, history, weights_name,
-               trainable_only, t_start):
+def finish_run(model, data, splits, runtime, run_dir, config, history, t_start):
     """Reload the best epoch, score val, test and today's news (cases/), print the report, write
     probabilities and metrics, drop the resume point. Every training script ends here."""
     run_dir = Path(run_dir)
-    runfolders.load_checked(model, run_dir / weights_name, trainable_only)
+    parameters = dict(zip(("total", "trainable"), common.count_parameters(model)))
+    # The best epoch's weights, in the model as every reader rebuilds it (vote.py, serve.py,
+    # analyze.py): the same texts then get the same probabilities here and there. (The training
+    # model differs in its last bits: a LoRA run keeps its update unmerged and its frozen weights
+    # in bf16.)
+    model = runfolders.rebuild_model(config, run_dir)[0].to(runtime.device).eval()
     t0 = time.perf_counter()
     val_probs = common.predict(model, data["val"], runtime, desc="scoring val")
     test_probs = common.predict(model, data["test"], runtime, desc="scoring test")
     cases_probs = common.predict(model, data["cases"], runtime, desc="scoring today's news")
     score_time = time.perf_counter() - t0
+    for name, probs in (("val", val_probs), ("test", test_probs), ("today's news", cases_probs)):
+        if not np.isfinite(probs).all():  # the best epoch's weights give nan: never a result
+            raise common.UserError(f"{run_dir}: the best epoch's weights score {name} rows as "
+                                   f"nan or inf; the run is not finished (lower --lr)")
     test = common.evaluate(test_probs, data["test"].labels)
     wall = time.perf_counter() - t_start
     train_time = sum(h["train_time_s"] for h in history)
@@ -163,8 +175,10 @@ def finish_run(model, data, splits, runtime, run_dir, config, history, weights_n
                "train_time_s": train_time, "score_time_s": score_time, "wall_time_s": wall,
                "train_samples_per_s": sum(h["train_samples_per_s"] for h in history) / len(history),
                "rows": {k: len(v) for k, v in splits.items()}, "val_sampling": agnews.VAL_SAMPLING,
+               # which data folder, by content: runs of two folders differ in their validation rows
+               "train_csv_md5": agnews.md5_of(Path(config["args"]["data_dir"]) / "train.csv"),
                "fingerprints": {k: v.fingerprint() for k, v in splits.items()},
-               "parameters": dict(zip(("total", "trainable"), common.count_parameters(model))),
+               "parameters": parameters,
                "memory": common.peak_memory(runtime.device)}
     if runtime.is_main:
         common.print_report(data["test"].labels, test_probs)

@@ -11,14 +11,19 @@ sibling folders runs/<name>/seed<k>/.
                         the name config.json gives, at run time: the one import of a script here)
   - load_scored_split   the rows a run was scored on, checked against its fingerprints
   - experiment_key      which runs are seeds of one experiment
+  - folder_written_atomically  a folder that appears whole or not at all (an export, a vote)
 """
+import glob
 import importlib
 import json
 import os
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -95,17 +100,24 @@ def claim_run_dir(run_dir):
     emptiness check before it is a check-then-act race (two runs started at the same moment both
     see an empty folder), the exclusive create is not."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     except FileExistsError:
         owner = claim_owner(run_dir)
         raise common.UserError(f"{run_dir} was taken by another run started at the same time "
                                f"(pid {owner.get('pid', '?')}: {owner.get('command', '?')}); "
                                f"pass --out to choose another folder") from None
-    with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": os.uname().nodename, "command": shlex.join(sys.argv),
-                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+    except OSError as err:  # a read-only or full disk
+        raise common.cannot_write(run_dir / CLAIM_FILE, err) from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": os.uname().nodename,
+                       "command": shlex.join(sys.argv),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+    except OSError as err:  # a full disk: an empty claim would read as nobody's and stay
+        (run_dir / CLAIM_FILE).unlink(missing_ok=True)
+        raise common.cannot_write(run_dir / CLAIM_FILE, err) from None
 
 
 def claim_owner(run_dir):
@@ -117,7 +129,28 @@ def claim_owner(run_dir):
 
 
 def is_finished(run_dir):
+    """The one rule every reader follows (vote, analyze, compare, serve, export, --teacher): a run
+    is finished when metrics.json is written and the resume point is gone. finish_run writes
+    metrics.json, then deletes resume.safetensors; a run killed between the two is resumed (and
+    scored again), never read."""
     return (Path(run_dir) / "metrics.json").exists() and not (Path(run_dir) / RESUME_FILE).exists()
+
+
+def check_finished(run_dir):
+    """Stop with one line unless run_dir is a finished run (is_finished) whose saved probabilities
+    are all finite (a diverged run saved by an older version holds nan)."""
+    run_dir = Path(run_dir)
+    for name in ("config.json", "metrics.json"):
+        if not (run_dir / name).exists():
+            raise common.UserError(f"{run_dir}: no {name}, so not a finished run folder")
+    if not is_finished(run_dir):
+        raise common.UserError(f"{run_dir}: holds a resume point ({RESUME_FILE}), so the run is "
+                               f"unfinished: finish it with --resume --out {run_dir}")
+    for name in ("val", "test"):
+        path = run_dir / f"{name}_probs.npy"
+        if path.exists() and not np.isfinite(np.load(path, allow_pickle=False)).all():
+            raise common.UserError(f"{path}: holds nan or inf (a diverged run); leave this run "
+                                   f"out")
 
 
 SEED_FOLDER = re.compile(r"seed(\d+)")  # runs/<experiment>/seed<k>/: one seed of an experiment
@@ -137,14 +170,20 @@ def load_run(run_dir, device="cpu"):
     """Rebuild any saved run: config.json names the script that trained it, and that script's
     `load_model(config, run_dir)` returns (model, tokenizer) with the trained weights in place."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise common.UserError(f"{run_dir}: no config.json (not a finished run folder)")
+    check_finished(run_dir)
     config = common.load_json(run_dir / "config.json")
+    model, tokenizer = rebuild_model(config, run_dir)
+    return model.to(device).eval(), tokenizer, config
+
+
+def rebuild_model(config, run_dir):
+    """(model, tokenizer) of the run in run_dir as `config` describes it, through the script that
+    trained it. finish_run scores this model too, so a run's saved probabilities are the ones any
+    reader computes again for the same texts (a LoRA run merged, as it is read back)."""
     script = config.get("script")
     if script not in ("train_bert", "train_lora", "train_lstm"):
         raise common.UserError(f"{run_dir}/config.json: unknown key script={script!r}")
-    model, tokenizer = importlib.import_module(script).load_model(config, run_dir)
-    return model.to(device).eval(), tokenizer, config
+    return importlib.import_module(script).load_model(config, run_dir)
 
 
 def vote_members(vote_dir):
@@ -220,6 +259,10 @@ def load_probs(run_dir, name, rows):
     if probs.shape != (rows, common.NUM_CLASSES):
         raise common.UserError(f"{path}: shape {probs.shape}, "
                                f"expected ({rows}, {common.NUM_CLASSES})")
+    if not np.isfinite(probs).all():  # a diverged run: its vote weight, its teacher's targets, nan
+        bad = int((~np.isfinite(probs)).any(axis=1).sum())
+        raise common.UserError(f"{path}: {bad} of {rows} rows are nan or inf (a diverged run); "
+                               f"leave this run out")
     return probs
 
 
@@ -287,12 +330,106 @@ def experiment_key(config):
     return json.dumps({**rest, "args": args}, sort_keys=True, default=str)
 
 
+def note_mixed_data(runs, what):
+    """One line where `runs` were trained on different data folders (by train.csv's md5, which
+    finish_run records): their validation rows differ, and a larger folder is another experiment.
+    Runs from before the record are grouped by the folder their config names."""
+    sources = {}
+    for run in runs:
+        metrics = common.load_json(Path(run) / "metrics.json")
+        folder = common.load_json(Path(run) / "config.json").get("args", {}).get("data_dir", "?")
+        source = (f"train.csv md5 {metrics['train_csv_md5'][:8]}" if "train_csv_md5" in metrics
+                  else f"folder {folder}")
+        sources.setdefault(source, []).append(str(run))
+    if len(sources) > 1:
+        groups = "; ".join(f"{source}: {', '.join(names)}" for source, names in sources.items())
+        print(f"note: the runs {what} were trained on {len(sources)} different data folders "
+              f"({groups}); their validation rows differ")
+
+
 def run_seed(config):
     return config.get("seed", config.get("args", {}).get("seed"))
 
 
 def find_runs(root="runs"):
     """Finished runs under root, oldest first: runs/<name>/ and the seeds of
-    runs/<name>/seed<k>/."""
-    runs = [p.parent for p in Path(root).rglob("metrics.json")]
+    runs/<name>/seed<k>/. A run with metrics.json and a resume point is unfinished (is_finished)
+    and left out."""
+    runs = [p.parent for p in Path(root).rglob("metrics.json") if is_finished(p.parent)]
     return sorted(runs, key=lambda p: (p / "metrics.json").stat().st_mtime)
+
+
+# --------------------------------------------------------------------------------------------------
+# A folder written whole or not at all (export.py's HF folder, vote.py --out)
+# --------------------------------------------------------------------------------------------------
+@contextmanager
+def folder_written_atomically(out, force, replaceable, what):
+    """Yield a temp folder beside `out`; when the block ends without error, it becomes `out` by a
+    rename. On any error the temp folder (and any parent folder made for it) is removed, and an old
+    `out` stays as it was. An existing `out` is replaced only with force, and only where
+    replaceable(out) says it is an earlier one of the same kind (`what`: "an export", "a vote"):
+    never a trained run, a file or a folder of anything else. The old one is renamed aside, the new
+    one renamed in, then the old one deleted: the one moment without `out` is between two renames.
+    Temp folders that a killed earlier writer of `out` left are deleted first."""
+    out = Path(out)
+    check_replaceable(out, force, replaceable, what)
+    check_target(out)
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)  # a SIGKILLed writer's; never renamed in
+    with common.no_empty_folders_left(out.parent):
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        except OSError as err:  # e.g. a folder we may not write in
+            raise common.cannot_write(out, err) from None
+        old = None
+        try:
+            try:
+                yield tmp
+            except common.UserError as err:  # name the folder the user asked for, not the temp
+                raise type(err)(str(err).replace(str(tmp), str(out))) from None
+            permissions_as_usual(tmp)
+            if out.exists():
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+                os.replace(out, old / out.name)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if old is not None:  # put the old one back
+                    os.replace(old / out.name, out)
+                raise
+        finally:
+            for leftover in (tmp, old):
+                if leftover is not None and leftover.exists():
+                    shutil.rmtree(leftover)
+
+
+def check_replaceable(out, force, replaceable, what):
+    """One line, before any work, where `out` exists and may not be replaced (see
+    folder_written_atomically)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not force:
+        raise common.UserError(f"{out} already exists: pass --force to replace it")
+    if not out.is_dir() or not replaceable(out):
+        raise common.UserError(f"{out}: not {what} written here before, so --force does not "
+                               f"replace it; choose another folder")
+
+
+def check_target(out):
+    """One line, before anything is made, where `out` cannot become a folder: a file on its path
+    (mkdir would stop with FileExistsError or NotADirectoryError)."""
+    for above in Path(out).parents:  # innermost first
+        if above.exists():  # False for a path that runs through a file
+            if not above.is_dir():
+                raise common.UserError(f"{out}: {above} is a file, so no folder can be made "
+                                       f"under it; choose another folder")
+            return
+
+
+def permissions_as_usual(folder):
+    """mkdtemp makes an owner-only folder (0700); a folder made to be shared gets what mkdir and
+    open would have given it: 0777 and 0666, less the umask."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~common.UMASK)

@@ -5,8 +5,11 @@
 #                            # scratch: 5, seconds each), 1,000 validation rows, the full test set
 #   bash study.sh medium     # 2-core CPU, hours, in sittings (resumable): every training row found
 #                            # (24,175 of ours), 1 epoch (the LSTMs 5), the whole validation split
+#   bash study.sh large      # 2-core CPU, as medium on AGNEWS_DIR=../shared/data/ag_news_67k
+#                            # (60,566 training rows; refused on a folder of fewer than 60,000
+#                            # rows): about 5 hours, in sittings
 #   bash study.sh full       # one GPU: every training row found, 2 epochs, runs side by side
-# The presets differ only in sizes and device; the experiments below are one list for all three.
+# The presets differ only in sizes, device and data; the experiments below are one list for all.
 # Every finished run is also scored on today's news (cases/news_2020s.csv): compare.md's last columns.
 #
 # Experiments (each --seeds $SEEDS, each seed an ordinary run folder $ROOT/<name>/seed<k>/):
@@ -32,8 +35,13 @@ case "$PRESET" in
   quick) DATA_FLAGS=(--train-size 2000 --val-size 1000 --epochs 1); LSTM_FLAGS=(--train-size 2000 --val-size 1000)
          JOBS=${JOBS:-1}; DEVICE=(--device cpu) ;;
   medium) DATA_FLAGS=(--epochs 1); LSTM_FLAGS=(); JOBS=${JOBS:-1}; DEVICE=(--device cpu) ;;
+  large) DATA_FLAGS=(--epochs 1); LSTM_FLAGS=(); JOBS=${JOBS:-1}; DEVICE=(--device cpu)
+         rows=$(wc -l < "${AGNEWS_DIR:-data/ag_news}/train.csv" 2>/dev/null || echo 0)
+         if [ "$rows" -lt 60000 ]; then
+           echo "study.sh large: ${AGNEWS_DIR:-data/ag_news}/train.csv has $rows rows; set AGNEWS_DIR to the 67,296-row folder (../shared/data/ag_news_67k)" >&2; exit 2
+         fi ;;
   full)  DATA_FLAGS=(--epochs 2); LSTM_FLAGS=(); JOBS=${JOBS:-5}; DEVICE=(--device cuda) ;;
-  *) echo "usage: bash study.sh quick|medium|full   (quick: CPU, under an hour; medium: CPU, every row, hours; full: one GPU, every row)" >&2; exit 2 ;;
+  *) echo "usage: bash study.sh quick|medium|large|full   (quick: CPU, under an hour; medium: CPU, every row, hours; large: medium on the 67k folder; full: one GPU, every row)" >&2; exit 2 ;;
 esac
 ROOT=${ROOT:-runs/study-$PRESET}
 case "$ROOT" in *" "*) echo "ROOT must not contain spaces: $ROOT" >&2; exit 2 ;; esac
@@ -91,7 +99,7 @@ batch \
   "bilstm_attn python train_lstm.py --arch bilstm_attn ${LSTM_FLAGS[*]}"
 
 echo "$(date +%T) vote: bilstm_attn + lora_r8, seed k with seed k"
-python vote.py --runs "$ROOT/bilstm_attn" "$ROOT/lora_r8" --out "$ROOT/vote_bilstm_attn+lora" \
+python vote.py --runs "$ROOT/bilstm_attn" "$ROOT/lora_r8" --out "$ROOT/vote_bilstm_attn+lora" --force \
   > "$ROOT/logs/vote.log" 2>&1 || { echo "FAILED: vote (see $ROOT/logs/vote.log)" >&2; exit 1; }
 python analyze.py --compare "$ROOT" --baseline bert_pooler --out "$ROOT" | tee "$ROOT/logs/compare.log"
 echo "study $PRESET: $((SECONDS - START)) s; table in $ROOT/compare.md"

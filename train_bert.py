@@ -61,8 +61,7 @@ def train(args):
               f"{runtime.device}, {runtime.precision}")
 
     history = loop.train(model, data, args, runtime, run_dir)
-    run.finish_run(model, data, splits, runtime, run_dir, config, history, "model.safetensors",
-                   trainable_only=False, t_start=t_start)
+    run.finish_run(model, data, splits, runtime, run_dir, config, history, t_start)
 
 
 def main(argv=None):

@@ -254,8 +254,7 @@ def train(args):
 
     history = loop.train(model, data, args, runtime, run_dir, weights_name=ADAPTER_FILE,
                          trainable_only=True)
-    run.finish_run(model, data, splits, runtime, run_dir, config, history, ADAPTER_FILE,
-                   trainable_only=True, t_start=t_start)
+    run.finish_run(model, data, splits, runtime, run_dir, config, history, t_start)
     if runtime.is_main:
         size = (run_dir / ADAPTER_FILE).stat().st_size
         print(f"adapter: {run_dir / ADAPTER_FILE}, {size / 1e6:.2f} MB ({trainable:,} parameters; "

@@ -204,7 +204,9 @@ def train(args):
     """One run: build the vocabulary, train from scratch, score, save into args.out."""
     runtime, run_dir, splits, t_start = run.start_run(args, run_name(args))
     tokenizer_path = run_dir / "tokenizer.json"
-    reused = args.resume and tokenizer_path.exists()
+    # Only a resume point's weights need the old vocabulary (and it checks the flags, --train-size
+    # among them); without one, --resume starts afresh, and so does the vocabulary.
+    reused = args.resume and (run_dir / runfolders.RESUME_FILE).exists()
     if reused:
         # the vocabulary the saved embeddings belong to
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -229,8 +231,7 @@ def train(args):
     if runtime.is_main and not reused:
         common.atomic_write(tokenizer_path, lambda tmp: tokenizer.save(tmp))
     history = loop.train(model, data, args, runtime, run_dir)
-    run.finish_run(model, data, splits, runtime, run_dir, config, history, "model.safetensors",
-                   trainable_only=False, t_start=t_start)
+    run.finish_run(model, data, splits, runtime, run_dir, config, history, t_start)
 
 
 def main(argv=None):

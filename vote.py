@@ -110,10 +110,11 @@ def seed_runs(folder):
     folder."""
     folder = Path(folder)
     if (folder / "metrics.json").exists():
+        runfolders.check_finished(folder)
         return None
     seeds = {int(match[1]): run for run in folder.glob("seed*")
              if (match := runfolders.SEED_FOLDER.fullmatch(run.name))
-             and (run / "metrics.json").exists()}
+             and runfolders.is_finished(run)}
     if not seeds:
         raise common.UserError(f"{folder}: no metrics.json and no finished seed<k>/ runs "
                                f"(not a finished run folder)")
@@ -241,8 +242,8 @@ def vote_on_test(args, runs, out=None, seed=None):
               f"{common.evaluate(val, val_labels)['loss']:8.4f}  "
               f"{scores['accuracy']:8.4f}  {scores['macro_f1']:13.4f}")
     if out:
-        save_vote_run(out, runs, weights, how, seed, ensemble_val, ensemble_test, val_rows,
-                      test_rows)
+        save_vote_run(out, args.force, runs, weights, how, seed, ensemble_val, ensemble_test,
+                      val_rows, test_rows)
 
 
 def vote_on_cases(runs, weights):
@@ -255,17 +256,14 @@ def vote_on_cases(runs, weights):
     return ensemble_probs(probs, weights), cases
 
 
-def save_vote_run(out, runs, weights, how, seed, val_probs, test_probs, val_rows, test_rows):
+def save_vote_run(out, force, runs, weights, how, seed, val_probs, test_probs, val_rows,
+                  test_rows):
     """The vote as a run-like folder: config.json (script "vote", its members, how the weights were
     chosen; per seed only the seed differs, so analyze.py --compare groups the seeds as one
     experiment), val/test probabilities, and metrics.json with the rows it was scored on (val: the
     rows its members share) and their summed training time and parameters. vote.py itself never
     takes a vote for a member."""
     out = Path(out)
-    if ((out / "config.json").exists()
-            and common.load_json(out / "config.json").get("script") != "vote"):
-        raise common.UserError(f"--out {out}: holds a trained run, not a vote; "
-                               f"choose another folder")
     members = [common.load_json(run / "metrics.json") for run in runs]
     # The data flags of the member validated on the fewest rows: with nested --val-size those are
     # the shared rows, so analyze.py reloads the vote's rows as it reloads a run's.
@@ -286,18 +284,30 @@ def save_vote_run(out, runs, weights, how, seed, val_probs, test_probs, val_rows
     if all("parameters" in m for m in members):
         metrics["parameters"] = {k: sum(m["parameters"][k] for m in members)
                                  for k in ("total", "trainable")}
-    common.save_npy(out / "val_probs.npy", val_probs.astype(np.float32))
-    common.save_npy(out / "test_probs.npy", test_probs.astype(np.float32))
-    today = vote_on_cases(runs, weights)
-    if today is not None:
-        cases_probs, cases = today
-        metrics["cases"] = common.evaluate(cases_probs, cases.labels)
-        metrics["rows"]["cases"] = len(cases)
-        metrics["fingerprints"]["cases"] = cases.fingerprint()
-        common.save_npy(out / "cases_probs.npy", cases_probs.astype(np.float32))
-    common.save_json(out / "config.json", config)
-    common.save_json(out / "metrics.json", metrics)  # last: a folder with metrics.json is finished
+    # Whole or not at all: a vote killed while it replaced an old one must not leave the old one's
+    # metrics beside the new one's probabilities.
+    with runfolders.folder_written_atomically(out, force, is_vote_folder, "a vote") as tmp:
+        common.save_npy(tmp / "val_probs.npy", val_probs.astype(np.float32))
+        common.save_npy(tmp / "test_probs.npy", test_probs.astype(np.float32))
+        today = vote_on_cases(runs, weights)
+        if today is not None:
+            cases_probs, cases = today
+            metrics["cases"] = common.evaluate(cases_probs, cases.labels)
+            metrics["rows"]["cases"] = len(cases)
+            metrics["fingerprints"]["cases"] = cases.fingerprint()
+            common.save_npy(tmp / "cases_probs.npy", cases_probs.astype(np.float32))
+        common.save_json(tmp / "config.json", config)
+        common.save_json(tmp / "metrics.json", metrics)
     print(f"saved {out}/")
+
+
+def is_vote_folder(folder):
+    """A vote saved by vote.py --out (script "vote"), or a folder of such votes per seed."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return common.load_json(folder / "config.json").get("script") == "vote"
+    seeds = [run for run in folder.iterdir() if runfolders.SEED_FOLDER.fullmatch(run.name)]
+    return bool(seeds) and all(is_vote_folder(run) for run in seeds)
 
 
 def score_todays_news(paths, device="auto"):
@@ -429,15 +439,20 @@ def build_parser():
                         help="for --text/--file: auto = cuda when a GPU is visible")
     parser.add_argument("--out", help="with the test vote: save the vote as a run-like folder "
                                       "here (per seed: <out>/seed<k>/), for analyze.py --compare")
+    parser.add_argument("--force", action="store_true",
+                        help="with --out: replace an earlier vote there (never a trained run)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
 
+    if args.out:  # before any work: an existing vote is replaced only with --force
+        runfolders.check_replaceable(Path(args.out), args.force, is_vote_folder, "a vote")
     groups = find_members(args)
     for runs in groups.values():
         note_copies(runs)
+        runfolders.note_mixed_data(runs, "voting")
     if args.text or args.file:
         seed, runs = next(iter(groups.items()))
         if seed is not None:

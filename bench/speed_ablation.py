@@ -293,13 +293,13 @@ def count_host_syncs(trainee, plan, ids, labels):
 # The run
 # --------------------------------------------------------------------------------------------------
 def load_rows(args, folder):
-    """Real training rows as token ids. With random weights the tokenizer is MiniLM's: the same
-    uncased WordPiece vocabulary as bert-base-uncased, so the lengths are those of the study's
-    model."""
+    """Real training rows as token ids. With random weights the tokenizer is --model's (default
+    MiniLM's: the same uncased WordPiece vocabulary as bert-base-uncased, so the lengths are those
+    of the study's model)."""
     splits = agnews.load_ag_news(args.data, train_size=args.rows)
     has_tokenizer = ((Path(folder) / "tokenizer.json").exists()
                      or (Path(folder) / "vocab.txt").exists())
-    tokenizer = common.load_tokenizer(folder if has_tokenizer else bert.resolve_model("minilm"))
+    tokenizer = common.load_tokenizer(folder if has_tokenizer else bert.resolve_model(args.model))
     ids = common.encode(tokenizer, splits["train"].texts, args.max_len)
     return ids, splits["train"].labels
 

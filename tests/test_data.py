@@ -1,7 +1,9 @@
 """AG News loading: canonical rows load, every kind of bad row stops with file:line, splits are
 stable."""
 import csv
+import errno
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -220,3 +222,89 @@ def test_runs_before_nested_sampling_reload_their_own_validation_rows(tmp_path):
         common.save_json(run / "metrics.json", {**metrics,
                                                 "fingerprints": {"val": split.fingerprint()}})
         assert runfolders.load_scored_split(run, "val").fingerprint() == split.fingerprint()
+
+
+# -- files as editors save them (issue 30) --------------------------------------------------------
+BOM = "\ufeff"  # the UTF-8 byte-order mark Excel and Notepad put first
+
+
+@pytest.mark.parametrize("name", ["cases.txt", "cases.csv"])
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, name):
+    path = write_rows(tmp_path / name, BOM + "label,text\n1,Rebels clash\n2,Nadal wins\n")
+    assert agnews.read_cases(path) == [(0, "Rebels clash"), (1, "Nadal wins")]
+    plain = write_rows(tmp_path / "plain.txt", BOM + "Rebels clash\n")
+    assert agnews.read_cases(plain) == [(None, "Rebels clash")]
+
+
+def test_the_release_csv_reads_with_a_byte_order_mark(tmp_path):
+    split = agnews.load_csv(write_rows(tmp_path / "t.csv", BOM + GOOD))
+    assert split.labels.tolist() == [2, 0]
+    bad = write_rows(tmp_path / "b.csv", BOM.encode() + b'"1","a","b"\n\xff\n')
+    with pytest.raises(common.UserError, match=r"b.csv:2: bytes that are not UTF-8"):
+        agnews.load_csv(bad)
+    with pytest.raises(common.UserError, match=r"b.csv:2: bytes that are not UTF-8"):
+        agnews.read_cases(bad)
+
+
+def test_only_line_feeds_end_a_case(tmp_path):
+    """str.splitlines also splits at U+2028, U+2029, \\x85, \\x0b, \\x0c and \\x1c-\\x1e, which
+    editors and web pages leave inside a headline: a case is a line ended by \\n (or \\r\\n)."""
+    inside = "\u2028 \u2029 \x85 \x0b \x0c \x1c \x1d \x1e"
+    plain = write_rows(tmp_path / "cases.txt", f"one {inside} two\r\nthree\n")
+    assert agnews.read_cases(plain) == [(None, "one two"), (None, "three")]
+    labelled = write_rows(tmp_path / "cases.csv", f"1,one {inside} two\r\n2,\"three\rfour\"\n")
+    assert agnews.read_cases(labelled) == [(0, "one two"), (1, "three four")]
+
+
+def test_a_huge_line_is_read_as_a_text_or_refused_with_file_line_and_limit(tmp_path):
+    """The csv module stops at fields over 131,072 characters: a text file reads the line as any
+    other (the model reads its first max_len tokens); a CSV file is refused with file:line."""
+    huge = "word " * 250_000
+    plain = write_rows(tmp_path / "cases.txt", f"{huge}\nNadal wins\n")
+    assert [len(text) for _, text in agnews.read_cases(plain)] == [len(huge) - 1, 10]
+    for name, content, line in [("first.csv", f"1,{huge}\n", 1),
+                                ("later.csv", f"1,ok\n\n2,{huge}\n", 3),
+                                ("header.txt", f"label,text\n1,{huge}\n", 2)]:
+        with pytest.raises(common.UserError, match=rf"{name}:{line}: a field longer than the CSV "
+                                                    rf"reader's limit of 131,072 characters"):
+            agnews.read_cases(write_rows(tmp_path / name, content))
+    with pytest.raises(common.UserError, match=r"t.csv:2: a field longer than the CSV reader's "
+                                                r"limit of 131,072 characters"):
+        agnews.load_csv(write_rows(tmp_path / "t.csv", f'"1","a","b"\n"2","{huge}","b"\n'))
+
+
+def test_malformed_csv_in_a_case_file_names_file_and_line(tmp_path):
+    for content, line in [('label,text\n1,"unterminated\n', 2), ('"label,text\n', 1),
+                          ('1,ok\n2,"a"b\n', 2)]:
+        with pytest.raises(common.UserError, match=rf"m.csv:{line}: "):
+            agnews.read_cases(write_rows(tmp_path / "m.csv", content))
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=200), suffix=st.sampled_from([".txt", ".csv"]))
+def test_fuzz_case_files_read_or_raise_user_error(tmp_path, content, suffix):
+    path = write_rows(tmp_path / f"h{suffix}", content)
+    try:
+        cases = agnews.read_cases(path)
+    except common.UserError as err:
+        assert str(err).startswith(str(path))
+    else:
+        assert cases and all(text and label in (None, 0, 1, 2, 3) for label, text in cases)
+
+
+def test_a_full_disk_while_unpacking_the_download_says_so(tmp_path, monkeypatch):
+    """Not "not the AG News archive": the disk is full, and nothing is left behind."""
+    fake_release(tmp_path, monkeypatch, GOOD)
+    write_bytes = Path.write_bytes
+
+    def full_at_train_csv(self, data):
+        if self.name == "train.csv":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_bytes(self, data)
+    monkeypatch.setattr(Path, "write_bytes", full_at_train_csv)
+    with pytest.raises(common.UserError, match=r"^cannot write data/ag_news/train\.csv: No space "
+                                                r"left on device; free some space, or pass --data "
+                                                r"with a folder that holds the release's"):
+        agnews.find_data_dir()
+    assert not (tmp_path / "data").exists()

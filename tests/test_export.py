@@ -228,10 +228,11 @@ def test_missing_or_corrupt_weights_stop_with_one_line(pooler_run, lora_run, tmp
 
 def test_an_existing_folder_is_replaced_only_with_force_and_whole(pooler_run, tmp_path,
                                                                   monkeypatch):
-    run_dir, _ = pooler_run
+    run_dir, earlier_export = pooler_run
     out = tmp_path / "hf"
-    out.mkdir()
+    shutil.copytree(earlier_export, out)   # an earlier export: --force may replace it
     (out / "mine.txt").write_text("keep me")
+    exported = sorted(p.name for p in out.iterdir())
     with pytest.raises(common.UserError, match="already exists: pass --force"):
         export.main([str(run_dir), str(out)])
     with pytest.raises(common.UserError, match="would replace the run folder"):
@@ -246,7 +247,7 @@ def test_an_existing_folder_is_replaced_only_with_force_and_whole(pooler_run, tm
         with pytest.raises(common.UserError, match="the disk is full"):
             export.main([str(run_dir), str(target), *force])
         assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
-        assert [p.name for p in out.iterdir()] == ["mine.txt"]
+        assert sorted(p.name for p in out.iterdir()) == exported
     monkeypatch.undo()
 
     export.main([str(run_dir), str(out), "--force"])

@@ -205,7 +205,7 @@ def test_adapter_round_trip(small_run):
 
 def test_adapter_that_does_not_fit_is_refused(small_run, tmp_path):
     config = common.load_json(small_run / "config.json")
-    for name in ("config.json", "adapter.safetensors"):
+    for name in ("config.json", "metrics.json", "adapter.safetensors"):
         (tmp_path / name).write_bytes((small_run / name).read_bytes())
     common.save_json(tmp_path / "config.json", {**config, "targets": ["query", "key", "value"]})
     with pytest.raises(common.UserError, match="missing .*attn.key.lora_A"):

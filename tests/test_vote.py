@@ -379,10 +379,12 @@ def test_seed_k_votes_with_seed_k_into_a_run_like_folder(tiny_lstm_run, tmp_path
     assert "seed 0" in out and "seed 2" in out and "seed 1" not in out
     with pytest.raises(common.UserError, match="not both"):
         vote.main(["--runs", str(tmp_path / "a"), str(tiny_lstm_run)])
-    # never over a member
-    with pytest.raises(common.UserError, match="holds a trained run, not a vote"):
-        vote.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"),
-                   "--out", str(tmp_path / "a")])
+    # never over a member, with --force or without
+    for force in ([], ["--force"]):
+        with pytest.raises(common.UserError, match="already exists: pass --force" if not force
+                           else "not a vote written here before"):
+            vote.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"),
+                       "--out", str(tmp_path / "a"), *force])
     assert common.load_json(tmp_path / "a" / "seed0" / "config.json")["script"] == "train_lstm"
 
 
