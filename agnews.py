@@ -290,7 +290,8 @@ def read_cases(path):
     `label,text` (label 1..4 or a class name). The file's name or header decides, not a guess from
     its first text: "1,000 jobs cut" is a text, not label 1. In a .csv file, lines starting with #
     at the top are the file's comment (in a text file a # headline is a text); blank lines are
-    skipped. Returns [(label or None, text)]."""
+    skipped. Lines end at \n (\r\n too); an old Mac file, ending lines with \r alone, reads as
+    one line. Returns [(label or None, text)]."""
     path = Path(path)
     try:
         # Split at \n only: str.splitlines also splits at U+2028, \x85, \x0c and more, which turn

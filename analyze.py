@@ -102,8 +102,7 @@ class SavedRun:
 
     def __init__(self, run_dir, data_dir=None, device="auto"):
         self.dir = Path(run_dir)
-        if not (self.dir / "metrics.json").exists():
-            raise common.UserError(f"{self.dir}: no metrics.json (not a finished run folder)")
+        runfolders.check_finished(self.dir)   # the rule every reader follows
         self.config = common.load_json(self.dir / "config.json")
         self.metrics = common.load_json(self.dir / "metrics.json")
         self.data_dir = data_dir

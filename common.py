@@ -77,7 +77,10 @@ def run_main(main):
     except OSError as err:
         if err.errno not in WRITE_ADVICE or not isinstance(err.filename, (str, os.PathLike)):
             raise  # not the disk's doing, or no file to name: the traceback is the lead
-        print(f"error: {cannot_write(err.filename, err)}", file=sys.stderr)
+        if err.errno in (errno.EACCES, errno.EPERM):  # as well a read: no advice to write
+            print(f"error: {err.filename}: {os.strerror(err.errno)}", file=sys.stderr)
+        else:  # a full or read-only disk: only writes meet those
+            print(f"error: {cannot_write(err.filename, err)}", file=sys.stderr)
         sys.exit(2)
 
 

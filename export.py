@@ -219,7 +219,18 @@ EXPORT_MARKER = "agnews_export.json"
 
 
 def is_export(folder):
-    return (Path(folder) / EXPORT_MARKER).is_file()
+    """A folder this script wrote: with its marker, or (written before the marker) a
+    BertForSequenceClassification config.json with our four labels and no run's metrics.json."""
+    folder = Path(folder)
+    if (folder / EXPORT_MARKER).is_file():
+        return True
+    try:
+        config = common.load_json(folder / "config.json")
+    except common.UserError:
+        return False
+    return (config.get("architectures") == ["BertForSequenceClassification"]
+            and config.get("label2id") == {name: i for i, name in enumerate(common.CLASS_NAMES)}
+            and not (folder / "metrics.json").exists())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,8 +263,8 @@ def main(argv=None):
     model, _, config = runfolders.load_run(run_dir)   # a LoRA run comes back merged
     model_dir = bert.resolve_model(config["model"])
     with runfolders.folder_written_atomically(out, args.force, is_export, "an export") as tmp:
-        common.save_json(tmp / EXPORT_MARKER, {"run": str(run_dir.resolve()),
-                                               "script": config["script"], "peft": args.peft})
+        common.save_json(tmp / EXPORT_MARKER, {"run": str(run_dir), "script": config["script"],
+                                               "peft": args.peft})
         write_model(tmp, model.bert, model.classifier.weight, model.classifier.bias, config)
         write_tokenizer(tmp, model_dir, config["max_len"])
         if args.peft:

@@ -3,6 +3,8 @@
 #   bash install.sh [--dev] [--latest]
 #     --dev     adds pytest, ruff and the test oracles (transformers, peft)
 #     --latest  the newest versions the requirement files allow, instead of constraints.txt's
+#               (torch itself stays at the version below: its build, CPU or CUDA, is the
+#               machine's choice; to try a newer torch, change it here and in constraints.txt)
 # By default every package is held to constraints.txt: the exact versions the whole suite last
 # passed with, so a fresh machine gets what was tested. `bash bench/fresh_check.sh` tries the
 # newest allowed versions in a throw-away venv (run it before raising or lifting a pin).

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -131,9 +132,9 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
                 at.step, at.batch = at.step + 1, i + 1
 
                 if at.step % args.log_every == 0:
-                    loss = log_progress(bar, running, at, runtime, steps_per_epoch,
-                                        time.perf_counter() - t0)
-                    stop_if_diverged("the training loss", loss, at, args.lr)
+                    mean_loss = log_progress(bar, running, at, runtime, steps_per_epoch,
+                                             time.perf_counter() - t0)
+                    stop_if_diverged("the training loss", mean_loss, at, args.lr)
                     next_line = time.perf_counter() + common.PROGRESS_EVERY_S
                 elif bar.disable and runtime.is_main and time.perf_counter() >= next_line:
                     say_where(at, running, steps_per_epoch, time.perf_counter() - t0)
@@ -312,7 +313,10 @@ def stop_if_diverged(what, value, at, lr):
     """A loss or probability that is nan or inf stays so: every later step builds on it, and the
     best epoch would be chosen among nonsense. Stop the run in one line (every process reads the
     same all-reduced value, so all stop together); it is not finished, so nothing reads it as a
-    result. Checked where the loss is read anyway, so it costs no extra wait for the device."""
+    result. Checked where the loss is read anyway, so it costs no extra wait for the device.
+    (Under fp16, a batch whose logits overflow makes the epoch's sum inf too, though GradScaler
+    skips its step: such a run stops as well; bf16, the default where the device has it, does
+    not overflow.)"""
     if not math.isfinite(value):
         raise common.UserError(f"training diverged: {what} is {value} at step {at.step} (epoch "
                                f"{at.epoch + 1}); the run is not finished. Lower --lr (now "
@@ -351,7 +355,8 @@ def end_of_epoch(epoch, model, val_split, runtime, running, at, train_time, lr):
     train_loss, train_accuracy = running.read(at.step, runtime.world_size)
     stop_if_diverged("the training loss", train_loss, at, lr)
     val_probs = common.predict(model, val_split, runtime, desc="scoring val")    # (N, 4)
-    stop_if_diverged("a validation probability", float(val_probs.sum()), at, lr)  # nan if any is
+    if not np.isfinite(val_probs).all():
+        stop_if_diverged("a validation probability", float("nan"), at, lr)
     val = common.evaluate(val_probs, val_split.labels)
     record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
               "train_time_s": train_time, "train_samples_per_s": running.read_sums[2] / train_time,

@@ -131,7 +131,8 @@ def run_each_seed(args, name, train_one):
         with runfolders.no_half_made_run_left(args.out):
             return train_one(args)
     base = Path(args.out) if args.out else runfolders.default_run_dir(name, args.resume)
-    if (base / "config.json").exists() or (base / runfolders.RESUME_FILE).exists():
+    if any((base / name).exists()
+           for name in ("config.json", runfolders.RESUME_FILE, runfolders.CLAIM_FILE)):
         # seed<k>/ inside a run would be read as parts of it, and it as one of theirs
         raise common.UserError(f"--seeds: {base} holds a run of its own; pass --out with a new "
                                f"folder for the seeds")

@@ -13,7 +13,7 @@ sibling folders runs/<name>/seed<k>/.
   - experiment_key      which runs are seeds of one experiment
   - folder_written_atomically  a folder that appears whole or not at all (an export, a vote)
 """
-import glob
+import functools
 import importlib
 import json
 import os
@@ -337,14 +337,21 @@ def note_mixed_data(runs, what):
     sources = {}
     for run in runs:
         metrics = common.load_json(Path(run) / "metrics.json")
-        folder = common.load_json(Path(run) / "config.json").get("args", {}).get("data_dir", "?")
-        source = (f"train.csv md5 {metrics['train_csv_md5'][:8]}" if "train_csv_md5" in metrics
-                  else f"folder {folder}")
+        folder = common.load_json(Path(run) / "config.json").get("args", {}).get("data_dir")
+        md5 = metrics.get("train_csv_md5")
+        if md5 is None and folder and (Path(folder) / "train.csv").is_file():  # an older run
+            md5 = train_csv_md5(folder)
+        source = f"train.csv md5 {md5[:8]}" if md5 else f"folder {folder or '?'}"
         sources.setdefault(source, []).append(str(run))
     if len(sources) > 1:
         groups = "; ".join(f"{source}: {', '.join(names)}" for source, names in sources.items())
         print(f"note: the runs {what} were trained on {len(sources)} different data folders "
               f"({groups}); their validation rows differ")
+
+
+@functools.cache
+def train_csv_md5(folder):
+    return agnews.md5_of(Path(folder) / "train.csv")
 
 
 def run_seed(config):
@@ -374,12 +381,12 @@ def folder_written_atomically(out, force, replaceable, what):
     out = Path(out)
     check_replaceable(out, force, replaceable, what)
     check_target(out)
-    for leftover in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)  # a SIGKILLed writer's; never renamed in
+    clean_up_after_killed_writers(out)
     with common.no_empty_folders_left(out.parent):
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+            (tmp / WRITER_FILE).write_text(str(os.getpid()))  # whose it is, while it is written
         except OSError as err:  # e.g. a folder we may not write in
             raise common.cannot_write(out, err) from None
         old = None
@@ -387,7 +394,10 @@ def folder_written_atomically(out, force, replaceable, what):
             try:
                 yield tmp
             except common.UserError as err:  # name the folder the user asked for, not the temp
-                raise type(err)(str(err).replace(str(tmp), str(out))) from None
+                renamed = type(err)(str(err).replace(str(tmp), str(out)))
+                renamed.errno = getattr(err, "errno", None)   # CannotWrite's, for its catchers
+                raise renamed from None
+            (tmp / WRITER_FILE).unlink()
             permissions_as_usual(tmp)
             if out.exists():
                 old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
@@ -404,6 +414,44 @@ def folder_written_atomically(out, force, replaceable, what):
                     shutil.rmtree(leftover)
 
 
+# In a folder being written by folder_written_atomically: the writer's pid.
+WRITER_FILE = ".writer"
+
+
+def clean_up_after_killed_writers(out):
+    """What a writer of `out` killed mid-way left beside it: its temp folder .<out>.<random>.tmp
+    (deleted, unless its writer still runs), or, killed between its two renames, the old `out` in
+    .<out>.<random>.old with no `out` (put back, and said)."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    ours = re.compile(rf"\.{re.escape(out.name)}\.[A-Za-z0-9_]+\.(tmp|old)")  # mkdtemp's names
+    for leftover in sorted(out.parent.iterdir()):
+        kind = ours.fullmatch(leftover.name)
+        if not kind or not leftover.is_dir():
+            continue
+        if kind[1] == "tmp":
+            if not writer_alive(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+        elif (leftover / out.name).is_dir() and not out.exists():
+            os.replace(leftover / out.name, out)
+            leftover.rmdir()
+            print(f"{out}: put back from {leftover.name}, where a killed writer had moved it")
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)  # the new one was renamed in: the old goes
+
+
+def writer_alive(tmp):
+    """Whether the process that writes the temp folder `tmp` still runs."""
+    try:
+        os.kill(int((Path(tmp) / WRITER_FILE).read_text()), 0)  # signal 0 asks, sends nothing
+    except PermissionError:  # it exists, as another user's
+        return True
+    except (OSError, ValueError):  # no such process, or no pid written: nobody writes it now
+        return False
+    return True
+
+
 def check_replaceable(out, force, replaceable, what):
     """One line, before any work, where `out` exists and may not be replaced (see
     folder_written_atomically)."""
@@ -412,7 +460,7 @@ def check_replaceable(out, force, replaceable, what):
         return
     if not force:
         raise common.UserError(f"{out} already exists: pass --force to replace it")
-    if not out.is_dir() or not replaceable(out):
+    if not out.is_dir() or (any(out.iterdir()) and not replaceable(out)):  # empty: nothing lost
         raise common.UserError(f"{out}: not {what} written here before, so --force does not "
                                f"replace it; choose another folder")
 

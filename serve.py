@@ -24,6 +24,7 @@ import contextlib
 import errno
 import ipaddress
 import json
+import os
 import select
 import socket
 import threading
@@ -91,9 +92,10 @@ class Lab:
         self.weights, self.weights_from = vote.choose_weights(args, runs)
         self.cases = agnews.read_cases(cases) if cases else []
         self.case_rows = self.case_table()  # scored once: the runs and the file never change
-        # Verdicts take no lock: an eval forward pass without gradients keeps no state between
-        # calls (model.eval() only sets training to False again, a tokenizer encodes without
-        # changing), so they run beside an explanation instead of waiting behind it. Explanations
+        # Verdicts take no lock: an eval forward pass without gradients keeps no state that an
+        # answer reads (model.eval() only sets training to False again, a tokenizer encodes
+        # without changing; attention heads keep their last weights, which nothing here reads),
+        # so they run beside an explanation instead of waiting behind it. Explanations
         # run one at a time, each within SHAP_BUDGET; at most EXPLAIN_QUEUE run or wait.
         self.explaining = threading.Lock()
         self.admitted = threading.BoundedSemaphore(EXPLAIN_QUEUE)
@@ -397,7 +399,12 @@ def main(argv=None):
         print(f"serving http://{host}:{port}/  (Ctrl-C stops)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
-        print("stopped")
+        server.server_close()
+        print("stopped", flush=True)
+        # Out at once: an explanation still running in a handler thread cannot be stopped, and a
+        # torch thread pool torn down under it at the interpreter's exit was seen to hang (a test
+        # on a busy machine). Nothing here is saved at exit: the runs are only read.
+        os._exit(0)
     finally:
         server.server_close()
 

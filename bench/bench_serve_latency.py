@@ -135,7 +135,11 @@ def main():
               f"(statuses {statuses or 'none yet'})", flush=True)
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=120)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # the figures are printed: do not hang on the server
+            process.kill()
+            sys.exit("serve.py did not stop within 60 s of Ctrl-C (SIGINT); killed")
 
 
 if __name__ == "__main__":

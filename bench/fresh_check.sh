@@ -2,7 +2,8 @@
 # A fresh machine, as a new user gets it: a throw-away venv, `bash install.sh --dev`, then README's
 # test command (the linter, then the whole suite) from the project folder, where a folder of ours
 # named like an installed package would shadow it. Run it before you raise a pin in constraints.txt,
-# when a new release of torch, transformers or peft is out, and before a release.
+# when a new release of transformers or peft is out, and before a release (torch stays at
+# install.sh's pin: change it there to try another).
 #
 #   bash bench/fresh_check.sh            the newest versions the requirement files allow (--latest)
 #   bash bench/fresh_check.sh --tested   constraints.txt's versions, as install.sh and .ci/run

@@ -1,7 +1,7 @@
-"""Tests of kernels/attn_pool.py: the Triton kernels against the torch reference, the reference
-against finite differences, and the penalised-word loader. CPU only: the kernels run under the
-Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay small. Every test
-draws fresh random inputs; the seed is in the failure message."""
+"""Tests of fused_kernels/attn_pool.py: the Triton kernels against the torch reference, the
+reference against finite differences, and the penalised-word loader. CPU only: the kernels run
+under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay small.
+Every test draws fresh random inputs; the seed is in the failure message."""
 import importlib.util
 import json
 import os
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fused_kernels.attn_pool  # noqa: E402
-from fused_kernels.attn_pool import (attn_pool, attn_pool_reference, load_penalty_table,  # noqa: E402
-                               penalty_for_ids)
+from fused_kernels.attn_pool import (attn_pool, attn_pool_reference,  # noqa: E402
+                                     load_penalty_table, penalty_for_ids)
 
 # Both sides compute in fp32 from the same inputs, in different orders of summation.
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)

@@ -118,6 +118,7 @@ def test_a_vote_appears_whole_and_replaces_an_old_one_only_with_force(tiny_lstm_
     # --force never replaces a trained run or a folder that is not a vote.
     other = tmp_path / "notes"
     other.mkdir()
+    (other / "mine.txt").write_text("keep me")
     for target in (a, other):
         with pytest.raises(common.UserError, match="not a vote written here before"):
             vote.main(["--runs", str(a), str(b), "--out", str(target), "--force"])
@@ -194,13 +195,27 @@ def test_export_force_replaces_only_an_earlier_export(tiny_lstm_run, tmp_path):
 
 
 def test_a_killed_exports_temp_folder_is_cleaned_up_by_the_next(tmp_path):
+    """Before: a SIGKILL during export left .hf.*.tmp for good. A killed writer's temp folder goes,
+    a live writer's stays, another folder's (hf.v2) is not ours, and an old folder moved aside by a
+    writer killed between its two renames is put back."""
     out = tmp_path / "hf"
-    leftover = tmp_path / ".hf.abc123.tmp"
-    leftover.mkdir()
-    (leftover / "model.safetensors").write_bytes(b"half")
+    dead, alive, other = (tmp_path / name for name in (".hf.abc123.tmp", ".hf.live_1.tmp",
+                                                         ".hf.v2.xyz789.tmp"))
+    for folder in (dead, alive, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    (dead / runfolders.WRITER_FILE).write_text("999999999")   # no such process
+    (alive / runfolders.WRITER_FILE).write_text(str(os.getpid()))
     with runfolders.folder_written_atomically(out, False, export.is_export, "an export") as tmp:
         (tmp / "x").write_text("x")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, "hf"])
+    assert sorted(p.name for p in out.iterdir()) == ["x"]   # no writer file left in it
+
+    moved = tmp_path / ".hf.q1w2e3.old"
+    moved.mkdir()
+    out.rename(moved / "hf")     # killed after moving the old folder aside, before the new came in
+    runfolders.clean_up_after_killed_writers(out)
+    assert sorted(p.name for p in out.iterdir()) == ["x"] and not moved.exists()
 
 
 # --------------------------------------------------------------------------------------------------
