@@ -27,6 +27,7 @@ import json
 import os
 import select
 import socket
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -399,15 +400,15 @@ def main(argv=None):
         print(f"serving http://{host}:{port}/  (Ctrl-C stops)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
-        server.server_close()
         print("stopped", flush=True)
-        # Out at once: an explanation still running in a handler thread cannot be stopped, and a
-        # torch thread pool torn down under it at the interpreter's exit was seen to hang (a test
-        # on a busy machine). Nothing here is saved at exit: the runs are only read.
-        os._exit(0)
     finally:
         server.server_close()
 
 
 if __name__ == "__main__":
     common.run_main(main)
+    # Out at once after Ctrl-C: an explanation still running in a handler thread cannot be
+    # stopped, and a torch thread pool torn down under it at the interpreter's exit was seen to
+    # hang (a test on a busy machine). Nothing is saved at exit: the runs are only read.
+    sys.stdout.flush()
+    os._exit(0)
