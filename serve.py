@@ -24,10 +24,8 @@ import contextlib
 import errno
 import ipaddress
 import json
-import os
 import select
 import socket
-import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -407,8 +405,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     common.run_main(main)
-    # Out at once after Ctrl-C: an explanation still running in a handler thread cannot be
-    # stopped, and a torch thread pool torn down under it at the interpreter's exit was seen to
-    # hang (a test on a busy machine). Nothing is saved at exit: the runs are only read.
-    sys.stdout.flush()
-    os._exit(0)
