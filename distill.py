@@ -8,8 +8,10 @@ probabilities q as well as the labels y:
     p_T = softmax(z / T),   q_T = softmax(log q / T)
 
 The temperature T > 1 softens both distributions, so the student also learns which wrong classes
-the teacher finds plausible ("dark knowledge": Business is closer to Sci/Tech than to Sports); T^2
-keeps the gradient's size independent of T. The lesson: how much of the ensemble's gain one model
+the teacher finds plausible ("dark knowledge": Business is closer to Sci/Tech than to Sports). The
+soft term's gradient shrinks like 1/T^2 as T grows (for T large against the logits' spread), so T^2
+keeps its size about the same whatever T (Hinton et al. 2015); at T near 1 the factor is only a
+scale. The lesson: how much of the ensemble's gain one model
 keeps.
 
 Unlabelled rows (`--unlabeled N`) are other training rows whose labels we pretend not to have: for

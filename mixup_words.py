@@ -9,12 +9,12 @@ says (company, said, million). So we rank by a contrast instead:
     score(word) = mean TF-IDF over the texts misclassified true -> predicted
                 - mean TF-IDF over the texts of the true class classified right
 
-and what is left are the words that pull a text towards the wrong class (google, computer,
-software, internet in Business -> Sci/Tech; sales, ceo, growth in Sci/Tech -> Business: the
-validation errors of the quick study's pooler, seed 0). The list for Business<->Sci/Tech is
-written as penalty_words.json, and the attnpool head can be told to look away from those words
-(train_bert.py --head attnpool --penalty-words; in the study and here that did not help:
-RESULTS.md).
+and what is left are the words that go with the mix-up (google, computer, software, internet in
+Business -> Sci/Tech; sales, ceo, growth in Sci/Tech -> Business: the validation errors of the quick
+study's pooler, seed 0). An association in the errors, not a cause: that a word moves the verdict is
+what Shapley values test (shapley.py). The list for Business<->Sci/Tech is written as
+penalty_words.json, and the attnpool head can be told to look away from those words (train_bert.py
+--head attnpool --penalty-words; in the study and here that did not help: RESULTS.md).
 
 Two details that matter: the words come from the VALIDATION errors by default (a list mined from
 the test errors would flatter the penalised model on that same test set), and only words the
@@ -68,7 +68,7 @@ def top_words(texts, labels, preds, directions, top_k, keep=lambda word: True):
     they carry in the texts misclassified that way than in the texts of the true class classified
     right, as [(word, weight difference)], skipping words for which keep(word) is False.
     The contrast matters: ranked by weight alone, a Business text's top words are company, said,
-    million, whatever went wrong; the difference keeps the words that pull it towards Sci/Tech."""
+    million, whatever went wrong; the difference keeps the words that go with its mix-up."""
     vectorizer = TfidfVectorizer(stop_words="english", token_pattern=WORD_PATTERN)
     weights = vectorizer.fit_transform(texts)                      # (N, V) sparse
     vocabulary = vectorizer.get_feature_names_out()

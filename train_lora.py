@@ -9,6 +9,13 @@ Low-Rank Adaptation (Hu et al. 2021) freezes every pretrained weight W (out x in
 update of low rank instead:  W' = W + B A * alpha / r,  with A (r x in) and B (out x r), r << in.
 For one 384 x 384 projection of MiniLM and r = 8 that is 6,144 trained numbers instead of 147,456.
 
+Why the update is scaled by alpha / r: B starts at zero (so W' = W at step 0) and A at random.
+Adam moves every trained number by about the learning rate a step, whatever its gradient's size,
+so after a few steps each entry of B A is a sum of r such moves: the update grows with r. Dividing
+by r keeps its size about the same for any rank, so changing r needs no new learning rate; alpha
+is then one fixed multiplier, under Adam much like a factor on the learning rate (the LoRA paper
+sets alpha to the first r it tries and leaves it; we default to alpha = 2r, see --alpha).
+
 Why it saves memory: a frozen weight needs no gradient and no AdamW state. AdamW keeps two fp32
 moments per trained parameter, so full fine-tuning holds 4 copies of the model (weights,
 gradients, two moments); LoRA holds 1 copy plus a few percent, and on a GPU keeps the frozen layers
