@@ -1,0 +1,112 @@
+"""Scoring rows/s of one MiniLM classifier four ways on the same rows, in one run: fp32, bf16
+autocast (the default on a CPU with bf16), quantize.py's int8 encoder (the rest in bf16 autocast),
+and torch's own dynamic int8 (torch.ao.quantization.quantize_dynamic on the same Linear layers,
+the rest in fp32: its layers take fp32 input). Also each one's agreement with fp32 (the same
+predicted class) and the largest probability gap.
+
+    python bench/bench_quantize.py                     # 1,024 test rows, pretrained MiniLM
+    python bench/bench_quantize.py --rows 256 --rounds 1
+
+The rows are the official test set's first --rows, scored as finish_run scores them (batches of
+128 by length); the head is random (the ratios depend on shapes, not on training). Rounds
+alternate the order of the four; the median of each is reported. Prints the CPU and whether it has
+AVX512-VNNI and AMX-INT8, the instructions int8 products run on.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import agnews  # noqa: E402
+import bert  # noqa: E402
+import common  # noqa: E402
+import quantize  # noqa: E402
+
+
+def cpu_description():
+    model, flags = "?", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    have = [name for name in ("avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")
+            if name in flags]
+    return f"{model}, {torch.get_num_threads()} threads; int8/bf16 instructions: " + (
+        ", ".join(have) or "none of VNNI, AMX")
+
+
+def torch_dynamic_int8(model):
+    """The peer: torch's dynamic quantization of the same layers (the encoder's Linear layers)."""
+    from torch.ao.quantization import quantize_dynamic
+    for i, layer in enumerate(model.bert.layers):
+        model.bert.layers[i] = quantize_dynamic(layer, {nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def build(way, model_dir, head_state):
+    model = bert.BertClassifier(bert.BertModel.from_pretrained(model_dir), "pooler").eval()
+    model.classifier.load_state_dict(head_state)
+    if way == "ours int8":
+        quantize.quantize_encoder(model)
+    elif way == "torch dynamic int8":
+        torch_dynamic_int8(model)
+    precision = {"fp32": "fp32", "bf16": "bf16", "ours int8": "bf16",
+                 "torch dynamic int8": "fp32"}[way]
+    return model, common.setup_runtime("cpu", precision)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data", help="AG News folder (default $AGNEWS_DIR)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model_dir = bert.resolve_model("minilm")
+    tokenizer = common.load_tokenizer(model_dir)
+    test = agnews.load_ag_news(agnews.find_data_dir(args.data))["test"]
+    rows = test.subset(np.arange(min(args.rows, len(test))))
+    texts = list(rows.texts)
+    data = common.encode_splits(tokenizer, {"test": rows}, 128)["test"]
+    head = nn.Linear(384, common.NUM_CLASSES)
+    with torch.no_grad():
+        head.weight.mul_(100)  # confident probabilities, as a trained head gives
+    ways = ["fp32", "bf16", "ours int8", "torch dynamic int8"]
+    built = {way: build(way, model_dir, head.state_dict()) for way in ways}
+    print(f"CPU: {cpu_description()}")
+    print(f"rows: {len(texts)} of the official test set, batches of 128 by length, max 128 tokens; "
+          f"torch {torch.__version__}")
+
+    times, probs = {way: [] for way in ways}, {}
+    for round_ in range(args.rounds):
+        for way in (ways if round_ % 2 == 0 else ways[::-1]):
+            model, runtime = built[way]
+            start = time.perf_counter()
+            probs[way] = common.predict(model, data, runtime, desc=way)
+            times[way].append(time.perf_counter() - start)
+
+    reference = probs["fp32"]
+    print("\n| way | rows/s | x bf16 | same class as fp32 | largest prob gap to fp32 |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    bf16_rate = len(texts) / statistics.median(times["bf16"])
+    for way in ways:
+        rate = len(texts) / statistics.median(times[way])
+        same = (probs[way].argmax(1) == reference.argmax(1)).mean()
+        gap = abs(probs[way] - reference).max()
+        print(f"| {way} | {rate:.1f} | {rate / bf16_rate:.2f}x | {same:.4f} | {gap:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
