@@ -4,11 +4,12 @@ Read this after bert.py (the model). It teaches:
   1. train_plain()  the loop a learner meets first, in ~30 lines: batches, forward, loss, backward,
                     clip, AdamW step, learning-rate schedule, a validation pass per epoch.
   2. train()        the same loop with each concern a real run needs, each a named helper below
-                    it: mixed precision (forward_loss, GradScaler), gradient accumulation, AWP
-                    (awp.py), running sums read without stalling the device (RunningLoss), the
-                    best epoch's weights, an exact resume point and Ctrl-C/SIGTERM at a step
-                    boundary (resume.py, a lesson of its own: ResumePoint, StopSignal), DDP and
-                    torch.compile (model_for_training); and
+                    it: mixed precision (forward_loss, GradScaler), gradient accumulation (under
+                    DDP one all-reduce a step: gradients_reduced), AWP (awp.py), running sums
+                    read without stalling the device (RunningLoss), the best epoch's weights, an
+                    exact resume point and Ctrl-C/SIGTERM at a step boundary (resume.py, a lesson
+                    of its own: ResumePoint, StopSignal), DDP and torch.compile
+                    (model_for_training); and
                     what a run may ask of its loss beyond cross-entropy (forward_loss: R-Drop,
                     rdrop.py; a teacher's soft targets, distill.py) and of its optimizer (one rate
                     per layer, fewsample.py).
@@ -16,6 +17,7 @@ Read this after bert.py (the model). It teaches:
 The flags, start and end of a run around train() are in run.py.
 Next: resume.py, then train_bert.py and train_lora.py, which build a model (bert.py) and call these.
 """
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -116,14 +118,16 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
                 input_ids, mask, labels = batch_tensors(train_split, batches[i], pad_to, device)
                 soft = soft_targets(train_split, batches[i], device)  # (B, 4) or None
                 group = min(args.grad_accum, len(batches) - i + i % args.grad_accum)  # last: short
-                loss, logits = forward_loss(step_model, input_ids, mask, labels, runtime, soft,
-                                            objective)
-                scaler.scale(loss / group).backward()
-                if use_awp:  # the batch again at weights moved up the loss; its gradient adds on
-                    with perturber.perturbed():
-                        awp_loss = forward_loss(step_model, input_ids, mask, labels, runtime,
-                                                soft, objective)[0]
-                        scaler.scale(awp_loss / group).backward()
+                steps_now = (i + 1) % args.grad_accum == 0 or i + 1 == len(batches)
+                with gradients_reduced(step_model, steps_now):
+                    loss, logits = forward_loss(step_model, input_ids, mask, labels, runtime,
+                                                soft, objective)
+                    scaler.scale(loss / group).backward()
+                    if use_awp:  # the batch again at weights moved up the loss; its gradient adds
+                        with perturber.perturbed():
+                            awp_loss = forward_loss(step_model, input_ids, mask, labels, runtime,
+                                                    soft, objective)[0]
+                            scaler.scale(awp_loss / group).backward()
                 running.add(loss, logits, labels)
                 bar.update()
                 if (i + 1) % args.grad_accum and i + 1 < len(batches):
@@ -224,6 +228,17 @@ def model_for_training(model, runtime, compile=False):
             print("--compile: the first steps compile the model (a minute or more; again for new "
                   "batch shapes)")
     return step_model
+
+
+def gradients_reduced(step_model, now):
+    """Under DDP every backward pass all-reduces the gradients across processes, by default. With
+    --grad-accum k only their sum at the k-th micro-batch is used, so the k-1 before it need not
+    talk at all: inside DDP's no_sync() a backward pass only adds to the local .grad, and the one
+    outside it all-reduces that sum (the same result, 1 round of communication instead of k).
+    One process: nothing to do."""
+    if now or not hasattr(step_model, "no_sync"):   # the plain model, or the step's last batch
+        return contextlib.nullcontext()
+    return step_model.no_sync()
 
 
 @dataclass(frozen=True)

@@ -468,3 +468,53 @@ def test_compiled_training_gives_the_eager_losses_and_weights(sample, tmp_path):
         if not name.endswith("attn.key.bias"):
             assert torch.allclose(saved[name], value, rtol=0, atol=1e-4), name
     assert not torch.equal(saved["classifier.weight"], tiny_classifier(layers=1).classifier.weight)
+
+
+# Run under torchrun by the test below: the tiny BERT, made-up rows, --grad-accum 2, and a DDP
+# communication hook that counts the backward passes whose gradients are all-reduced.
+NO_SYNC_CHILD = """
+import json, sys
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import common, loop, test_loop
+from conftest import made_up_rows
+
+synced = []
+def count_reductions(state, bucket):
+    if bucket.index() == 0:          # one per backward pass that talks (bucket 0 always goes)
+        synced.append(1)
+    return default_hooks.allreduce_hook(state, bucket)
+
+wrap = loop.model_for_training
+def wrapped(model, runtime, compile=False):
+    step_model = wrap(model, runtime, compile)
+    step_model.register_comm_hook(None, count_reductions)
+    return step_model
+loop.model_for_training = wrapped
+
+runtime = common.setup_runtime("cpu", "fp32")
+data = {"train": made_up_rows(160, seed=0), "val": made_up_rows(40, seed=1)}
+args = test_loop.loop_args(grad_accum=int(sys.argv[3]), epochs=1)
+loop.train(test_loop.tiny_classifier(), data, args, runtime, sys.argv[2])
+if runtime.is_main:
+    print(json.dumps({"synced": len(synced)}))
+"""
+
+
+def test_gradient_accumulation_under_ddp_all_reduces_once_a_step(tmp_path):
+    """Two processes, 160 made-up rows in batches of 16: each rank takes 5 batches an epoch. With
+    --grad-accum 2 that is 3 optimizer steps (2 + 2 + 1 batches), and only the backward pass of
+    each step's last batch may all-reduce: 3, not 5 (DDP's no_sync, loop.gradients_reduced). With
+    --grad-accum 1 every one of the 5 does. No AG News rows needed."""
+    child = tmp_path / "child.py"
+    child.write_text(NO_SYNC_CHILD)
+    counts = {}
+    for accum in (1, 2):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               f"--master_port={free_port()}", str(child), str(ROOT),
+                               str(tmp_path / f"run{accum}"), str(accum)],
+                              capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        counts[accum] = json.loads(done.stdout.strip().splitlines()[-1])["synced"]
+    assert counts == {1: 5, 2: 3}, counts
