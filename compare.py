@@ -1,6 +1,6 @@
 """From one run to many: which experiment is better, by how much, and is it more than noise?
 
-Run as `python analyze.py --compare [RUN ...] [--baseline NAME]`; read after explain.py. It teaches:
+Run as `python analyze.py --compare [RUN ...] [--baseline NAME]`. It teaches:
   1. what an experiment is: one configuration. Its seeds are sibling run folders whose config.json
      differs only in the seed and in bookkeeping (where to write, which device); they are pooled,
      and the table gives each number as mean ± std over seeds.
@@ -13,6 +13,8 @@ Run as `python analyze.py --compare [RUN ...] [--baseline NAME]`; read after exp
   4. the verdict: a difference whose interval excludes 0 is marked *, every other one is said to be
      "inside the noise", in those words. README's results table is this table, not typed by hand.
 tests/test_compare.py checks the intervals and p-values on predictions whose answer is known.
+
+Lesson 19 of README's reading path: read after explain.py; next: learning_curves.py.
 """
 import csv
 import math
@@ -28,9 +30,8 @@ from scipy.special import gammaln, logsumexp
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score
 
-import agnews
 import common
-import runfolders
+from plumbing import agnews, runfolders
 
 # --------------------------------------------------------------------------------------------------
 # Experiments: runs grouped by configuration, one run per seed

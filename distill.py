@@ -34,8 +34,10 @@ a teacher trained on more labels would smuggle them in. Its probabilities are co
 start, on the labelled and unlabelled training rows (each member through its own tokenizer), and
 travel with the rows (Split.soft) into every batch.
 
-Read after loop.py; tests/test_distill.py checks the loss by hand, that a student trained with
-alpha 1 and T 1 reproduces its teacher, and that unlabelled rows carry no label.
+tests/test_distill.py checks the loss by hand, that a student trained with alpha 1 and T 1
+reproduces its teacher, and that unlabelled rows carry no label.
+
+Lesson 9 of README's reading path: read after rdrop.py; next: loop.py, which calls lessons 4-9.
 """
 import hashlib
 import json
@@ -45,10 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import agnews
 import common
-import flags
-import runfolders
+from plumbing import agnews, flags, runfolders
 
 UNLABELED = -1  # the label of a row whose label the run may not use
 

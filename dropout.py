@@ -20,22 +20,31 @@ here; the attention probabilities (1.3M) 6.8 ms vs 1.2 ms.
 
 Where each path runs:
   - CPU: the mask above. torch's fused SDPA cannot take it (SDPA on a CPU draws its own mask with
-    bernoulli_, and with dropout it falls back to these plain ops anyway), so bert.SelfAttention
-    writes attention out when it trains on a CPU and calls `dropout` on the probabilities.
+    bernoulli_, and with dropout it falls back to plain ops anyway), so WrittenOutAttention below
+    writes bert.py's attention out when it trains on a CPU and calls `dropout` on the
+    probabilities.
   - CUDA (and any other device): F.dropout. On a GPU the mask is drawn inside the kernel (Philox
     counters, no memory traffic for random numbers), which this cannot beat; SDPA's flash kernel
     drops attention in-kernel too.
+bert.py itself stays plain torch (nn.Dropout, SDPA): `use_cheap_dropout(model)` swaps both in
+place, and the plumbing (plumbing/classifiers.py) does so for every BERT a run trains or scores.
 
 The masks come from torch's default generator, like F.dropout's: seeded by the run's seed,
-saved and restored by loop.py's resume point, so a resumed run draws the very masks it would have.
+saved and restored by the resume point (resume.py), so a resumed run draws the very masks it would
+have.
 
-Read after bert.py (which uses it) and loop.py; tests/test_dropout.py checks the rate, the
-scaling, the gradient and the determinism; bench/step_breakdown.py and bench/speed_ablation.py
-measure what it saves.
+tests/test_dropout.py checks the rate, the scaling, the gradient, the determinism and the swap;
+bench/step_breakdown.py and bench/speed_ablation.py measure what it saves.
+
+Lesson 4 of README's reading path: read after plain_loop.py; next: resume.py.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import bert
 
 BITS = 16                      # random bits per decision: 4 decisions per 64-bit word
 LEVELS = 1 << BITS             # 65536 equally likely values of u
@@ -98,3 +107,44 @@ class Dropout(nn.Module):
 
     def extra_repr(self):
         return f"p={self.p}"
+
+
+class WrittenOutAttention(bert.SelfAttention):
+    """bert.SelfAttention with softmax(Q K^T / sqrt(d)) V written out op by op where that is
+    faster, so that the probabilities' dropout can be the mask above. Same weights, same maths.
+
+    `impl` "auto": written out in training on a CPU, SDPA elsewhere. In training on a CPU SDPA with
+    dropout falls back to plain ops anyway and draws its mask with bernoulli_; without dropout its
+    CPU kernel's bf16 backward measured 4x slower than the plain ops at ~58 tokens (24.9 vs 5.6 ms
+    a layer at batch 32 on this project's 2-core EPYC; RESULTS.md, Speed). "sdpa" / "written":
+    always one of them, for bench/speed_ablation.py and the tests (the results are equal,
+    tests/test_bench.py)."""
+
+    impl = "auto"
+    cheap_masks = True  # False: torch's masks, for the ablation
+
+    def forward(self, x, attn_mask):
+        written = self.impl == "written" or (
+            self.impl == "auto" and self.training and x.device.type == "cpu")
+        if not written:
+            return super().forward(x, attn_mask)
+        q, k, v = self.split_heads(x)       # each (B, n_head, T, head_dim)
+        # Every intermediate is a (B, n_head, T, T) tensor written to memory and read back.
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if attn_mask is not None:            # no query attends to padding
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        probs = dropout(scores.softmax(-1), self.attn_dropout, self.training, self.cheap_masks)
+        return self.join_heads(probs @ v)    # (B, T, D)
+
+
+def use_cheap_dropout(model):
+    """In place: every nn.Dropout of `model` becomes Dropout (same p), every bert.SelfAttention a
+    WrittenOutAttention. The latter adds no parameters or buffers, so changing a module's class
+    keeps its weights, and any LoRA layer already inside it. Returns the model."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Dropout):
+                setattr(parent, name, Dropout(child.p).train(child.training))
+            elif type(child) is bert.SelfAttention:
+                child.__class__ = WrittenOutAttention
+    return model

@@ -6,8 +6,9 @@ topic. The four edits come first, each a few lines; then where the synonyms come
 here: the nearest words of the model's input embedding table); then the hook that start_run calls
 with --eda. tests/test_eda.py checks each edit on sentences it makes, and RESULTS.md measures what
 EDA is worth once the same number of optimizer steps is the control (little, for a pretrained
-model). Read after loop.py and awp.py; next: train_lstm.py, where EDA helps a model trained from
-scratch.
+model; train_lstm.py, lesson 14, trains from scratch, where it helps more).
+
+Lesson 6 of README's reading path, with awp.py: read after resume.py; next: awp.py.
 """
 import argparse
 import hashlib
@@ -24,10 +25,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-import agnews
-import bert
 import common
-import flags
+from plumbing import agnews, flags
 
 
 # --eda adds n copies of every training row, each made by ONE of four cheap edits, label kept (the
@@ -243,7 +242,7 @@ def augment_train_split(args, splits, runtime=None):
             raise common.UserError(f"{flag}: {err}") from None
     is_main = runtime is None or runtime.is_main
     model = getattr(args, "model", "minilm")
-    synonyms = synonym_table(bert.resolve_model(model), args.eda_threshold, verbose=is_main)
+    synonyms = synonym_table(common.resolve_model(model), args.eda_threshold, verbose=is_main)
     train, ops = splits["train"], []
     augmented = augment_split(train, synonyms, args.eda_n, args.eda_alpha, args.seed, ops)
     if is_main:

@@ -1,7 +1,7 @@
 """Why did the model say that? Three answers, each worked out by hand.
 
-Run through analyze.py (--attribution, --shap, --contrast) on a finished run; read after bert.py and
-analyze.py's --errors, which finds the texts worth explaining. It teaches, in order:
+Run through analyze.py (--attribution, --shap, --contrast) on a finished run; analyze.py's --errors
+finds the texts worth explaining. It teaches, in order:
   1. integrated gradients (--attribution): walk the input word embeddings in a straight line from a
      baseline x' ([PAD] in place of every word) to the text x, and credit token t with
          IG_t = sum_d (x - x')_td * integral_0^1 dF(x' + a (x - x'))/dx_td da,
@@ -18,8 +18,10 @@ analyze.py's --errors, which finds the texts worth explaining. It teaches, in or
 Every function takes the model and tokenizer of a run, or a `run` (analyze.SavedRun: its model,
 tokenizer, test rows and probabilities); nothing here imports analyze.py, which imports this file.
 tests/test_analyze.py checks IG by completeness; tests/test_shap.py checks the Shapley values on a
-game known by hand and on tiny models. Next: compare.py, from one run to many, and which difference
-between them is real.
+game known by hand and on tiny models.
+
+Lesson 18 of README's reading path: read after shapley.py; next: compare.py, from one run to many,
+and which difference between them is real.
 """
 import textwrap
 from pathlib import Path
@@ -33,9 +35,9 @@ import torch.nn as nn
 from matplotlib.colors import Normalize
 from sklearn.decomposition import PCA
 
-import agnews
 import common
 import shapley
+from plumbing import agnews
 
 # --------------------------------------------------------------------------------------------------
 # The texts to explain (analyze.py's --errors picks them the same way)

@@ -46,9 +46,8 @@ import torch
 
 import bert
 import common
-import flags
-import runfolders
 import train_lora
+from plumbing import flags, runfolders
 
 ADAPTER_DIR = "adapter"
 BASE_DIR = "base"
@@ -261,7 +260,7 @@ def main(argv=None):
 
     check_exportable(run_dir, args.peft)
     model, _, config = runfolders.load_run(run_dir)   # a LoRA run comes back merged
-    model_dir = bert.resolve_model(config["model"])
+    model_dir = common.resolve_model(config["model"])
     with runfolders.folder_written_atomically(out, args.force, is_export, "an export") as tmp:
         common.save_json(tmp / EXPORT_MARKER, {"run": str(run_dir), "script": config["script"],
                                                "peft": args.peft})

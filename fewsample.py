@@ -23,6 +23,8 @@ loop.make_optimizer calls `lr_groups`; train_bert.py calls `reinit_top_layers` a
 pretrained weights (LoRA keeps its base frozen, so only --llrd applies to train_lora.py).
 tests/test_fewsample.py reads each layer's rate off the optimizer's groups and checks that re-init
 changes only the named layers.
+
+Lesson 7 of README's reading path: read after awp.py; next: rdrop.py.
 """
 import re
 
@@ -31,7 +33,7 @@ import torch.nn as nn
 
 import bert
 import common
-import flags
+from plumbing import flags
 
 INIT_STD = 0.02  # BERT's initializer_range
 

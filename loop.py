@@ -1,21 +1,19 @@
-"""The training loop, twice: first with nothing but the maths, then as every script runs it.
+"""The training loop as every script runs it: plain_loop.py's loop, with what a real run needs.
 
-Read this after bert.py (the model). It teaches:
-  1. train_plain()  the loop a learner meets first, in ~30 lines: batches, forward, loss, backward,
-                    clip, AdamW step, learning-rate schedule, a validation pass per epoch.
-  2. train()        the same loop with each concern a real run needs, each a named helper below
-                    it: mixed precision (forward_loss, GradScaler), gradient accumulation (under
-                    DDP one all-reduce a step: gradients_reduced), AWP (awp.py), running sums
-                    read without stalling the device (RunningLoss), the best epoch's weights, an
-                    exact resume point and Ctrl-C/SIGTERM at a step boundary (resume.py, a lesson
-                    of its own: ResumePoint, StopSignal), DDP and torch.compile
-                    (model_for_training); and
-                    what a run may ask of its loss beyond cross-entropy (forward_loss: R-Drop,
-                    rdrop.py; a teacher's soft targets, distill.py) and of its optimizer (one rate
-                    per layer, fewsample.py).
-                    tests/test_loop.py trains one tiny model with both and finds the same weights.
-The flags, start and end of a run around train() are in run.py.
-Next: resume.py, then train_bert.py and train_lora.py, which build a model (bert.py) and call these.
+train() is train_plain() plus, each as a named helper below it:
+  - mixed precision (forward_loss; fp16's GradScaler),
+  - gradient accumulation, and under DDP one all-reduce a step (gradients_reduced: no_sync),
+  - running sums read without stalling the device (RunningLoss), a stop on a diverged loss,
+  - the best epoch's weights, an exact resume point and Ctrl-C/SIGTERM at a step boundary
+    (resume.py: ResumePoint, StopSignal),
+  - DDP under torchrun and torch.compile (model_for_training),
+  - and the options of lessons 6-9: AWP (awp.py), R-Drop (rdrop.py) and a teacher's soft targets
+    (distill.py) in the loss, one rate per layer in the optimizer (fewsample.py).
+tests/test_loop.py trains one tiny model with train() (every option off) and train_plain() and finds
+the same weights. The flags, start and end of a run around train() are plumbing/run.py.
+
+Lesson 10 of README's reading path: read after distill.py; next: train_bert.py, which builds a
+model (bert.py, with dropout.py's masks) and calls train().
 """
 import contextlib
 import math
@@ -26,45 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import awp
-import bert
 import common
 import distill
 import fewsample
 import rdrop
 import resume
-
-
-def train_plain(model, data, args, runtime):
-    """The loop with every option off (fp32, no accumulation, no AWP, no resume, one process): the
-    same maths as train(), which tests/test_loop.py checks. `data` maps train/val to Encoded splits;
-    args holds lr, weight_decay, warmup, clip, epochs, batch_size, seed. Returns the val metrics of
-    each epoch."""
-    train_split = data["train"]
-    model.to(runtime.device)
-    steps_per_epoch = len(common.make_batches(train_split.lengths, args.batch_size, shuffle=False))
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    scheduler = warmup_linear_decay(optimizer, steps_per_epoch * args.epochs, args.warmup)
-    history = []
-    for epoch in range(args.epochs):
-        torch.manual_seed(args.seed * 1000 + epoch)  # this epoch's dropout masks
-        model.train()
-        for rows in common.make_batches(train_split.lengths, args.batch_size, shuffle=True,
-                                        seed=args.seed * 1000 + epoch):
-            input_ids, mask, labels = batch_tensors(train_split, rows, 0, runtime.device)
-            logits = model(input_ids, mask)                  # (B, 4)
-            loss = F.cross_entropy(logits, labels)           # mean over the batch
-            loss.backward()                                  # gradients into p.grad
-            # Clip the gradient's norm, so that one odd batch cannot throw the weights far.
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            optimizer.step()  # AdamW: w -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * w)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()                                 # warm-up, then linear decay to 0
-        val_probs = common.predict(model, data["val"], runtime, desc="scoring val")
-        history.append(common.evaluate(val_probs, data["val"].labels))
-    return history
+from plain_loop import batch_tensors, warmup_linear_decay
 
 
 def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
@@ -172,14 +139,6 @@ def train(model, data, args, runtime, run_dir, weights_name="model.safetensors",
     return at.history
 
 
-def batch_tensors(split, rows, pad_to, device):
-    """The rows `rows` of an Encoded split as (input_ids (B, T), attention_mask (B, T), labels (B,))
-    on device; pad_to=0 pads to the longest row of the batch."""
-    input_ids, mask = common.to_device([split.ids[j] for j in rows], pad_to, device)
-    labels = torch.from_numpy(split.labels[rows]).to(device, non_blocking=True)
-    return input_ids, mask, labels
-
-
 def soft_targets(split, rows, device):
     """A teacher's probabilities (B, 4) for the rows (distill.py), or None without a teacher."""
     if split.soft is None:
@@ -188,23 +147,12 @@ def soft_targets(split, rows, device):
 
 
 def make_optimizer(model, lr, weight_decay, llrd=1.0):
-    """AdamW over trainable parameters. Weight decay on matrices only: decaying biases and LayerNorm
-    gains pulls them towards 0, which only hurts. With llrd < 1, each encoder layer at its own rate
-    (fewsample.lr_groups). Fused: one kernel updates every parameter, where the default runs ~10
-    small ops over each tensor (bench/step_breakdown.py on this project's 2-core EPYC: the
-    optimizer's share of a MiniLM step 20% -> 8%)."""
+    """plain_loop.make_optimizer's AdamW (decay on matrices only, fused), with, for llrd < 1, each
+    encoder layer at its own rate (fewsample.lr_groups). Fused measured on this project's 2-core
+    EPYC (bench/step_breakdown.py): the optimizer's share of a MiniLM step 20% -> 8%."""
     groups = fewsample.lr_groups(model, lr, weight_decay, llrd)
     fused = next(model.parameters()).device.type in ("cuda", "cpu")  # where torch has the kernel
     return torch.optim.AdamW(groups, lr=lr, fused=fused)
-
-
-def warmup_linear_decay(optimizer, total_steps, warmup_fraction):
-    warmup = max(1, int(total_steps * warmup_fraction))
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def model_for_training(model, runtime, compile=False):
@@ -217,12 +165,6 @@ def model_for_training(model, runtime, compile=False):
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if compile:
-        for module in model.modules():
-            if isinstance(module, bert.AttnPoolHead):
-                # Its Triton kernels sit inside a custom autograd.Function, which the compiler is
-                # not trusted to trace: that head runs as written, between the compiled graphs
-                # around it.
-                module.forward = torch.compiler.disable(module.forward)
         step_model = torch.compile(step_model)
         if runtime.is_main:
             print("--compile: the first steps compile the model (a minute or more; again for new "

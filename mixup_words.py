@@ -21,8 +21,10 @@ the test errors would flatter the penalised model on that same test set), and on
 tokenizer keeps whole are listed (the head penalises every piece of a listed word, and the pieces
 of a split word occur in unrelated words everywhere).
 
-Read after analyze.py (the tool that calls show_tfidf); tests/test_analyze.py checks the ranking
-on texts made to have known answers.
+analyze.py --tfidf calls show_tfidf; tests/test_analyze.py checks the ranking on texts made to have
+known answers.
+
+Lesson 16 of README's reading path: read after vote.py; next: shapley.py.
 """
 import textwrap
 from pathlib import Path
@@ -34,7 +36,6 @@ import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics import confusion_matrix
 
-import bert
 import common
 
 # TF-IDF words: letters only (numbers and years are not topics), 2+ of them, English stop words out.
@@ -93,7 +94,7 @@ def penalty_tokenizer(config):
     """The tokenizer of the BERT model whose attnpool head will read the list: the run's own model
     for a BERT run, else the default model (its uncased vocabulary is bert-base-uncased's)."""
     model = config["model"] if config.get("script") in ("train_bert", "train_lora") else "minilm"
-    return common.load_tokenizer(bert.resolve_model(model))
+    return common.load_tokenizer(common.resolve_model(model))
 
 
 def plot_words(ranked, counts, path):

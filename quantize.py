@@ -39,6 +39,8 @@ reference; a wrong scale is caught; a model's verdicts barely move). Benchmark a
 torch's own dynamic quantization: bench/bench_quantize.py. Measured so far (RESULTS.md): on this
 project's AMX Xeon torch._int_mm does not reach the int8 units, so this path is correct but slower
 than bf16 (0.26x); a faster int8 product is the next step.
+
+Lesson 21 of README's reading path, the last: read after learning_curves.py.
 """
 import torch
 import torch.nn as nn

@@ -14,10 +14,12 @@ pass's cross-entropy is the distillation loss instead.
 
 `--rdrop ALPHA` switches it on (the paper uses 0.1 to 5 for classification; 0 = off);
 loop.forward_loss calls `symmetric_kl`. tests/test_rdrop.py checks the loss on a hand-computed case.
+
+Lesson 8 of README's reading path: read after fewsample.py; next: distill.py.
 """
 import torch.nn.functional as F
 
-import flags
+from plumbing import flags
 
 
 def add_rdrop_args(parser):

@@ -16,8 +16,10 @@ progress of another):
 StopSignal makes a signal end the run at a step boundary, where all of that is consistent, and
 under DDP makes every process stop after the same step.
 
-Read after loop.py's train(), which saves a ResumePoint every --save-every steps, at each epoch's
-end and on a signal, and loads one with --resume.
+loop.py's train() (lesson 10) saves a ResumePoint every --save-every steps, at each epoch's end and
+on a signal, and loads one with --resume.
+
+Lesson 5 of README's reading path: read after dropout.py; next: eda.py and awp.py.
 """
 import json
 import shlex
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 import common
-import runfolders
+from plumbing import runfolders
 
 
 @dataclass

@@ -34,12 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import agnews
 import common
 import explain
-import flags
 import shapley
 import vote
+from plumbing import agnews, flags
 
 PAGE = Path(__file__).resolve().parent / "web" / "page.html"
 MAX_BODY = 64 * 1024      # bytes of one request

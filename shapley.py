@@ -8,7 +8,9 @@ The pieces, in order: words from WordPiece tokens; what "absent" means to each m
 attention, or dropped from a recurrence); the game f(S); exact values over all 2^n coalitions up
 to 10 words; above that, random orders in antithetic pairs, which still add up exactly.
 tests/test_shap.py checks them on a game known by hand and on tiny models. explain.py draws them
-beside integrated gradients (--shap) and uses them for two texts (--contrast); read it next.
+beside integrated gradients (--shap) and uses them for two texts (--contrast).
+
+Lesson 17 of README's reading path: read after mixup_words.py; next: explain.py.
 """
 import math
 from dataclasses import dataclass
@@ -217,7 +219,19 @@ def word_shapley(model, tokenizer, text, max_len, class_weights=None, samples=64
                  permutations=None):
     """Shapley values of the words of `text` for f = class_weights . logits (default: the logit of
     the predicted class). Exact up to SHAP_EXACT_WORDS words, else `samples` antithetic orders
-    (or the given `permutations` (m, n))."""
+    (or the given `permutations` (m, n)). The model is scored in eval mode and left as it came."""
+    if permutations is None:
+        check_shap_samples(samples)
+    was_training = model.training
+    try:
+        return word_shapley_eval(model, tokenizer, text, max_len, class_weights, samples, seed,
+                                 permutations)
+    finally:
+        model.train(was_training)
+
+
+def word_shapley_eval(model, tokenizer, text, max_len, class_weights, samples, seed, permutations):
+    """word_shapley's work; it switches the model to eval mode."""
     device = next(model.parameters()).device
     input_ids = torch.from_numpy(common.encode(tokenizer, [text], max_len)[0]).to(device)   # (T,)
     words, word_of = group_words([tokenizer.id_to_token(int(i)) for i in input_ids])

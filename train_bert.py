@@ -7,32 +7,32 @@
 
 Every weight of the encoder is trained, at a small learning rate (2e-5..5e-5): the pretrained
 features are already good, and a large step would wreck them in the first updates.
-The pieces live in their own files (bert.py: encoder and heads, loop.py: the training loop,
-agnews.py: the rows, runfolders.py: run folders); this script wires them together.
+The pieces live in their own files (bert.py: encoder and heads, loop.py: the training loop) and
+the plumbing (plumbing/classifiers.py: which model, plumbing/run.py: a run's flags, start and end);
+this script wires them together.
+
+Lesson 11 of README's reading path: read after loop.py; next: train_lora.py.
 """
 import argparse
 from pathlib import Path
 
-import bert
 import common
 import fewsample
-import flags
 import loop
-import run
-import runfolders
+from plumbing import classifiers, flags, run, runfolders
 
 
 def load_model(config, run_dir):
     """Rebuild a saved run of this script: random encoder of the right shape, then the saved
     weights."""
-    model, tokenizer = bert.build_bert_classifier(config, pretrained=False, run_dir=run_dir)
+    model, tokenizer = classifiers.build_bert_classifier(config, pretrained=False, run_dir=run_dir)
     runfolders.load_checked(model, Path(run_dir) / "model.safetensors")
     return model, tokenizer
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
-    bert.add_bert_args(parser)
+    classifiers.add_bert_args(parser)
     run.add_common_args(parser, lr=5e-5, epochs=3)
     fewsample.add_fewsample_args(parser)
     return parser
@@ -45,10 +45,10 @@ def train(args):
               "dropout": args.dropout,
               "penalty_words": args.penalty_words, "penalty": args.penalty, "max_len": args.max_len,
               "args": vars(args)}
-    model, tokenizer = bert.build_bert_classifier(config)
+    model, tokenizer = classifiers.build_bert_classifier(config)
     fresh = fewsample.reinit_top_layers(model, args.reinit_top)  # --reinit-top N, from the seed
     if runtime.is_main:
-        bert.keep_penalty_words(config, run_dir)
+        classifiers.keep_penalty_words(config, run_dir)
         if fresh:
             print(f"--reinit-top {args.reinit_top}: {', '.join(fresh)} start from BERT's "
                   f"initialisation")

@@ -12,9 +12,11 @@ For one 384 x 384 projection of MiniLM and r = 8 that is 6,144 trained numbers i
 Why the update is scaled by alpha / r: B starts at zero (so W' = W at step 0) and A at random.
 Adam moves every trained number by about the learning rate a step, whatever its gradient's size,
 so after a few steps each entry of B A is a sum of r such moves: the update grows with r. Dividing
-by r keeps its size about the same for any rank, so changing r needs no new learning rate; alpha
-is then one fixed multiplier, under Adam much like a factor on the learning rate (the LoRA paper
-sets alpha to the first r it tries and leaves it; we default to alpha = 2r, see --alpha).
+by r is the paper's way to keep its size from growing with the rank, so changing r needs little
+retuning of the learning rate; alpha is then one fixed multiplier, under Adam much like a factor on
+the learning rate (the LoRA paper sets alpha to the first r it tries and leaves it; we default to
+alpha = 2r, see --alpha). The r above is a rough count: the r moves partly cancel, and rsLoRA
+(Kalajdzievski 2023) argues that alpha / sqrt(r) keeps learning stable at large ranks.
 
 Why it saves memory: a frozen weight needs no gradient and no AdamW state. AdamW keeps two fp32
 moments per trained parameter, so full fine-tuning holds 4 copies of the model (weights,
@@ -24,8 +26,10 @@ Why it saves less time than parameters: the backward pass must still carry activ
 (dL/dx) back through every frozen layer to reach the adapters below it; only the weight-gradient
 matmuls (dL/dW) of the frozen layers are skipped, about 1/3 of the training FLOPs.
 
-The pieces live in their own files (bert.py: encoder and heads, loop.py: the training loop,
-agnews.py: the rows, runfolders.py: run folders); this script adds LoRA on top of them.
+The pieces live in their own files (bert.py: encoder and heads, loop.py: the training loop, the
+plumbing: plumbing/run.py); this script adds LoRA on top of them.
+
+Lesson 12 of README's reading path: read after train_bert.py; next: fused_kernels/attn_pool.py.
 """
 import argparse
 import math
@@ -39,10 +43,8 @@ import bert
 import common
 import dropout as cheap_dropout
 import fewsample
-import flags
 import loop
-import run
-import runfolders
+from plumbing import classifiers, flags, run, runfolders
 
 # --targets value -> the nn.Linear it names inside each BertLayer (bert.py's names).
 TARGETS = {"query": "attn.query", "key": "attn.key", "value": "attn.value", "out": "attn.out",
@@ -127,7 +129,8 @@ def parse_targets(text):
 def inject_lora(model, targets, r, alpha, dropout):
     """Freeze the encoder, then swap each targeted nn.Linear of every layer for a LoRALinear around
     it. `model` is a bert.BertClassifier (its head and classifier stay trainable: they start random
-    and must be learned) or a bare bert.BertModel. Returns the model, changed in place."""
+    and must be learned; the pooler of head "pooler" is part of the encoder and stays frozen, as in
+    peft) or a bare bert.BertModel. Returns the model, changed in place."""
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise common.UserError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
@@ -188,7 +191,7 @@ def load_model(config, run_dir):
     if missing:
         raise common.UserError(f"{run_dir}/config.json: missing keys {missing} "
                                "(not a train_lora.py run?)")
-    model, tokenizer = bert.build_bert_classifier(config, pretrained=True, run_dir=run_dir)
+    model, tokenizer = classifiers.build_bert_classifier(config, pretrained=True, run_dir=run_dir)
     inject_lora(model, config["targets"], config["r"], config["alpha"], config["lora_dropout"])
     runfolders.load_checked(model, run_dir / ADAPTER_FILE, trainable_only=True)
     return merge_lora(model), tokenizer
@@ -215,7 +218,7 @@ def build_parser():
                         help="README demo: --train-size 2000 --val-size 1000 --epochs 1 on the "
                              "default model, scored on the full official test set; a few minutes "
                              "on 2 CPU cores (flags given explicitly still win)")
-    bert.add_bert_args(parser)
+    classifiers.add_bert_args(parser)
     run.add_common_args(parser, lr=DEFAULT_LR, epochs=3)
     fewsample.add_fewsample_args(parser, reinit=False)  # a frozen base keeps its layers
     return parser
@@ -241,9 +244,9 @@ def train(args):
               "penalty_words": args.penalty_words, "penalty": args.penalty, "max_len": args.max_len,
               "r": args.r, "alpha": alpha, "targets": targets, "lora_dropout": args.lora_dropout,
               "args": vars(args)}
-    model, tokenizer = bert.build_bert_classifier(config)
+    model, tokenizer = classifiers.build_bert_classifier(config)
     if runtime.is_main:
-        bert.keep_penalty_words(config, run_dir)
+        classifiers.keep_penalty_words(config, run_dir)
     inject_lora(model, targets, args.r, alpha, args.lora_dropout)
     if runtime.amp_dtype is not None:
         store_frozen_linears_in(model, runtime.amp_dtype)

@@ -19,6 +19,8 @@ Vocabulary (--vocab):
   wordpiece  the BERT WordPiece vocabulary of --model (30k pieces, [CLS] ... [SEP]): no unknown
              words, but rare words arrive in pieces the LSTM has to learn to put together.
 The tokenizer is saved as tokenizer.json in the run folder, so a run reloads on its own.
+
+Lesson 14 of README's reading path: read after fused_kernels/attn_pool.py; next: vote.py.
 """
 import argparse
 from pathlib import Path
@@ -27,13 +29,10 @@ import torch
 import torch.nn as nn
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-import bert
 import common
 import eda
-import flags
 import loop
-import run
-import runfolders
+from plumbing import flags, run, runfolders
 
 ARCHS = ["lstm", "bilstm_attn"]
 # ids 0 and 1 of the word vocabulary; 0 is also what common.pad_batch pads with
@@ -61,7 +60,7 @@ def train_word_tokenizer(texts, min_freq, max_len):
 def build_tokenizer(args, train_texts):
     if args.vocab == "word":
         return train_word_tokenizer(train_texts, args.min_freq, args.max_len)
-    return common.load_tokenizer(bert.resolve_model(args.model))
+    return common.load_tokenizer(common.resolve_model(args.model))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ test_probs.npy row by row, and refuses runs whose metrics.json names other rows 
 With --out the vote is saved as a run-like folder (config.json naming members and weights,
 val/test probabilities, those of today's news where every member has them, metrics.json), so
 `analyze.py --compare` tables it beside its members.
+
+Lesson 15 of README's reading path: read after train_lstm.py; next: mixup_words.py.
 """
 import argparse
 import os
@@ -26,10 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-import agnews
 import common
-import flags
-import runfolders
+from plumbing import agnews, flags, runfolders
 
 COLUMN = 16  # least width of one model's column in the texts table: "Business 0.973*"
 

@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import agnews  # noqa: E402
-import bert  # noqa: E402
 import common  # noqa: E402
-import flags  # noqa: E402
 import loop  # noqa: E402
 import train_bert  # noqa: E402
+from plumbing import agnews, classifiers, flags  # noqa: E402
 
 
 def parse_args():
@@ -51,7 +49,8 @@ def time_epoch(args, data, runtime, awp):
          "--seed", str(args.seed), "--precision", args.precision, "--log-every", "1000000",
          *(["--awp"] if awp else [])])
     torch.manual_seed(args.seed)
-    model, _ = bert.build_bert_classifier({"model": "minilm", "head": "pooler", "dropout": 0.1})
+    model, _ = classifiers.build_bert_classifier({"model": "minilm", "head": "pooler",
+                                                  "dropout": 0.1})
     model.bert.layers = model.bert.layers[:args.bert_layers]
     with tempfile.TemporaryDirectory() as run_dir:
         [record] = loop.train(model, data, flags, runtime, run_dir)
@@ -62,7 +61,7 @@ def main():
     args = parse_args()
     runtime = common.setup_runtime(args.device, args.precision)
     splits = agnews.load_ag_news(args.data, args.rows, test_size=8, val_size=32)
-    tokenizer = common.load_tokenizer(bert.resolve_model("minilm"))
+    tokenizer = common.load_tokenizer(common.resolve_model("minilm"))
     data = common.encode_splits(tokenizer, splits, args.max_len)
     times = {"plain": [], "AWP": []}
     for _ in range(args.repeats):

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import agnews  # noqa: E402
 import bert  # noqa: E402
 import common  # noqa: E402
+import dropout as cheap_dropout  # noqa: E402
+from plumbing import agnews  # noqa: E402
 from bench.models import GEOMETRIES, model_folder  # noqa: E402
 
 
@@ -48,8 +49,10 @@ def step_timer(model, forward, device, amp):
 
 def compare_steps(args, folder, device):
     import transformers
-    ours = (bert.BertClassifier(bert.BertModel.from_pretrained(folder), head="pooler")
-            .to(device).train())
+    # dropout.py's swap, as every run's model has it (plumbing/classifiers.py)
+    ours = cheap_dropout.use_cheap_dropout(
+        bert.BertClassifier(bert.BertModel.from_pretrained(folder), head="pooler"))
+    ours = ours.to(device).train()
     theirs = (transformers.BertForSequenceClassification.from_pretrained(folder, num_labels=4)
               .to(device).train())
     ours.classifier.load_state_dict(theirs.classifier.state_dict())
@@ -85,8 +88,9 @@ def compare_bucketing(args, folder, device):
     ids = common.encode(tokenizer, splits["train"].texts, 128)
     lengths = torch.tensor([len(r) for r in ids]).numpy()
     labels = torch.from_numpy(splits["train"].labels)
-    model = (bert.BertClassifier(bert.BertModel.from_pretrained(folder), head="pooler")
-             .to(device).train())
+    model = cheap_dropout.use_cheap_dropout(
+        bert.BertClassifier(bert.BertModel.from_pretrained(folder), head="pooler"))
+    model = model.to(device).train()
     results = {}
     step = step_timer(model, model, device, args.amp)
     # Two passes, the first a warm-up: on a GPU, each new sequence length costs a one-time kernel

@@ -21,14 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import agnews  # noqa: E402
-import bert  # noqa: E402
 import common  # noqa: E402
 import eda  # noqa: E402
-import flags  # noqa: E402
 import loop  # noqa: E402
 import train_bert  # noqa: E402
 import train_lstm  # noqa: E402
+from plumbing import agnews, classifiers, flags  # noqa: E402
 
 
 def parse_args():
@@ -52,7 +50,7 @@ def parse_args():
 def one_off_costs(args, train):
     """Seconds to build the synonym table in an empty cache, to read it back from the cache, and to
     make the copies; returns (seconds by name, the augmented split)."""
-    model_dir = bert.resolve_model("minilm")
+    model_dir = common.resolve_model("minilm")
     cache_dir = common.CACHE_DIR
     with tempfile.TemporaryDirectory() as tmp:
         common.CACHE_DIR = Path(tmp)  # a cold cache: the table is computed
@@ -85,7 +83,7 @@ def bert_setup(args, splits):
     """train_bert.py's pooler head on MiniLM, cut to its first --bert-layers layers."""
     flags = train_bert.build_parser().parse_args(["--max-len", str(args.max_len), "--epochs", "1",
                                                   "--seed", str(args.seed)])
-    model, tokenizer = bert.build_bert_classifier({"model": "minilm", "head": "pooler",
+    model, tokenizer = classifiers.build_bert_classifier({"model": "minilm", "head": "pooler",
                                                    "dropout": 0.1})
     model.bert.layers = model.bert.layers[:args.bert_layers]
     return model, common.encode_splits(tokenizer, splits, args.max_len), flags

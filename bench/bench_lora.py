@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bert  # noqa: E402
 import common  # noqa: E402
+import dropout as cheap_dropout  # noqa: E402
 import loop  # noqa: E402
 import train_lora  # noqa: E402
 from bench.models import GEOMETRIES  # noqa: E402
@@ -73,8 +74,9 @@ def build_model(args):
     if args.random_init:
         encoder = bert.BertModel(bert.BertConfig(**GEOMETRIES[args.random_init]))
     else:
-        encoder = bert.BertModel.from_pretrained(bert.resolve_model(args.model))
-    return bert.BertClassifier(encoder, head="pooler", dropout=0.1)
+        encoder = bert.BertModel.from_pretrained(common.resolve_model(args.model))
+    # dropout.py's swap, as every run's model has it (plumbing/classifiers.py)
+    return cheap_dropout.use_cheap_dropout(bert.BertClassifier(encoder, head="pooler", dropout=0.1))
 
 
 def measure(args, mode):

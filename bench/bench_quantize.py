@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import agnews  # noqa: E402
 import bert  # noqa: E402
 import common  # noqa: E402
 import quantize  # noqa: E402
+from plumbing import agnews  # noqa: E402
 
 
 def cpu_description():
@@ -74,7 +74,7 @@ def main():
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model_dir = bert.resolve_model("minilm")
+    model_dir = common.resolve_model("minilm")
     tokenizer = common.load_tokenizer(model_dir)
     test = agnews.load_ag_news(agnews.find_data_dir(args.data))["test"]
     rows = test.subset(np.arange(min(args.rows, len(test))))

@@ -25,7 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import flags  # noqa: E402
+from plumbing import flags  # noqa: E402
 
 HEADLINE = "Oracle shares rise as quarterly profit beats forecasts on strong software sales"
 # 2,000 characters (serve.MAX_CHARS) of plain news words: the longest text the page explains

@@ -48,7 +48,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run unless the budget is spent; keep i
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
 ABLATION_MODEL=(--model "$MODEL")
-if ! python3 -c "import bert; bert.resolve_model('$MODEL')" >/dev/null 2>&1; then
+if ! python3 -c "import common; common.resolve_model('$MODEL')" >/dev/null 2>&1; then
   [ -f "${GPU_VOCAB:-}" ] || { echo "no weights for $MODEL and no GPU_VOCAB" | tee -a "$LOG"; exit 2; }
   MODEL="$RUNS/minilm_random"  # under runs/: what comes back leaves its weights out
   python3 - "$MODEL" "$GPU_VOCAB" <<'PY'

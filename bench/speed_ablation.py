@@ -13,8 +13,8 @@ the same real AG News rows, with the same batch size, from the same weights:
                            mostly padding
   2  + AMP                 bf16 autocast: matmuls in bf16 (twice the rate of fp32 or more),
                            half the bytes
-  3  + SDPA                one fused attention kernel (F.scaled_dot_product_attention, what
-                           bert.SelfAttention uses): no (T, T) matrices written out and read back
+  3  + SDPA                one fused attention kernel (F.scaled_dot_product_attention, bert.py's
+                           attention): no (T, T) matrices written out and read back
   4  + fused AdamW         one kernel updates every parameter, instead of ~10 small ops per tensor
   5  + no per-step sync    loss and accuracy summed on the device, read once at the end: the host
                            can queue the next step while the GPU still works (nothing to gain on a
@@ -62,10 +62,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import agnews  # noqa: E402
 import bert  # noqa: E402
 import common  # noqa: E402
-import flags  # noqa: E402
+from plumbing import agnews, flags  # noqa: E402
 from bench.models import GEOMETRIES, model_folder, set_attention  # noqa: E402
 
 # The study's run, for the projection: bert-base on every AG News training row, 3 epochs.
@@ -89,8 +88,9 @@ class Setting:
     bucket: bool = False       # pad to the longest row in a bucketed batch (else every row to
                                # max_len)
     amp: bool = False          # bf16 autocast
-    attention: str = "written"  # bert.SelfAttention.impl: "written" (plain ops), "sdpa" (the
-                                # fused kernel) or "auto" (SDPA but in training on a CPU)
+    attention: str = "written"  # dropout.WrittenOutAttention.impl: "written" (plain ops), "sdpa"
+                                # (the fused kernel) or "auto" (SDPA, but written out in training
+                                # on a CPU)
     cheap_masks: bool = False   # dropout.py's masks on a CPU (else torch's bernoulli_)
     fused_adamw: bool = False  # one AdamW kernel (else foreach=False: one parameter tensor at a
                                # time)
@@ -299,7 +299,8 @@ def load_rows(args, folder):
     splits = agnews.load_ag_news(args.data, train_size=args.rows)
     has_tokenizer = ((Path(folder) / "tokenizer.json").exists()
                      or (Path(folder) / "vocab.txt").exists())
-    tokenizer = common.load_tokenizer(folder if has_tokenizer else bert.resolve_model(args.model))
+    tokenizer = common.load_tokenizer(folder if has_tokenizer
+                                      else common.resolve_model(args.model))
     ids = common.encode(tokenizer, splits["train"].texts, args.max_len)
     return ids, splits["train"].labels
 

@@ -29,11 +29,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import agnews  # noqa: E402
 import bert  # noqa: E402
 import common  # noqa: E402
+from plumbing import agnews  # noqa: E402
 import dropout as cheap_dropout  # noqa: E402
-import flags  # noqa: E402
+from plumbing import flags  # noqa: E402
 from bench.models import set_attention  # noqa: E402
 from bench.speed_ablation import training_flops  # noqa: E402
 
@@ -54,7 +54,8 @@ OTHER = "the rest"
 # step here, and the forward ops of dropout.py's masks (their backward, a masked_fill and a scale,
 # counts as the rest; torch's own dropout has a backward op of its own name, counted as dropout).
 RANGES = {"optimizer": OPTIMIZER, cheap_dropout.PROFILE_NAME: "dropout masks"}
-# (name, fused AdamW, bert.SelfAttention.impl, dropout.py's cheap masks): each adds one change.
+# (name, fused AdamW, dropout.WrittenOutAttention.impl, dropout.py's cheap masks): each adds one
+# change.
 SETTINGS = [("before: SDPA, torch masks, AdamW foreach", False, "sdpa", False),
             ("+ AdamW fused", True, "sdpa", False),
             ("+ attention written out", True, "auto", False),
@@ -164,7 +165,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     runtime = common.setup_runtime("cpu")
-    model_dir = bert.resolve_model("minilm")
+    model_dir = common.resolve_model("minilm")
     tokenizer = common.load_tokenizer(model_dir)
     size = (args.steps + 2) * args.batch_size * 2
     rows = agnews.load_ag_news(args.data, train_size=size)["train"]

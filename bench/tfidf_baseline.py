@@ -13,8 +13,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import agnews  # noqa: E402
 import common  # noqa: E402
+from plumbing import agnews  # noqa: E402
 
 
 def main():

@@ -27,11 +27,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import agnews  # noqa: E402
-import bert  # noqa: E402
 import common  # noqa: E402
-import flags  # noqa: E402
 import train_bert  # noqa: E402
+from plumbing import agnews, flags  # noqa: E402
 from bench.step_breakdown import cpu_description  # noqa: E402
 
 LR, WARMUP, WEIGHT_DECAY, BATCH = 5e-5, 0.1, 0.01, 32
@@ -52,7 +50,7 @@ def theirs(args, out):
     """transformers.Trainer on the same rows; (training seconds, test accuracy)."""
     import transformers
     transformers.logging.set_verbosity_error()
-    folder = bert.resolve_model("minilm")
+    folder = common.resolve_model("minilm")
     splits = agnews.load_ag_news(args.data, train_size=args.rows, val_size=200, test_size=1000)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(

@@ -22,13 +22,17 @@ writing dH once in the backward pass. The kernels below move exactly those bytes
 
 This file reads in the order of the Triton tutorials: the torch reference (also the CPU training
 path), the forward kernels, the backward kernel, the autograd.Function that wires them, the single
-entry point `attn_pool`, and the loader of the penalised word list. Tests: tests/test_attn_pool.py;
-benchmark: bench/bench_attn_pool.py.
+entry point `attn_pool`, the loader of the penalised word list, and the head that bert.py's
+BertClassifier takes (`--head attnpool`). Tests: tests/test_attn_pool.py; benchmark:
+bench/bench_attn_pool.py.
+
+Lesson 13 of README's reading path: read after train_lora.py; next: train_lstm.py.
 """
 import functools
 import json
 
 import torch
+import torch.nn as nn
 import triton
 import triton.language as tl
 
@@ -396,6 +400,9 @@ class AttnPoolFunction(torch.autograd.Function):
 # -----------
 
 
+# Its Triton kernels sit inside a custom autograd.Function, which torch.compile is not trusted to
+# trace: under --compile it runs as written, between the compiled graphs around it.
+@torch.compiler.disable
 def attn_pool(hidden, mask, penalty, w, bias, use_triton=None):
     """Attention pooling with a penalty: returns pooled (B, D) in hidden's dtype and the attention
     weights (B, T) fp32.
@@ -472,3 +479,39 @@ def load_penalty_table(path, tokenizer, vocab_size):
 def penalty_for_ids(input_ids, table, penalty_weight):
     """Per-token penalty (B, T) fp32: penalty_weight where the token id is in the table, else 0."""
     return table.to(input_ids.device)[input_ids].float() * penalty_weight
+
+
+# %%
+# The head
+# --------
+# What `--head attnpool` puts between the encoder and the classifier: the scoring layer (w, bias),
+# the penalty looked up per token, and attn_pool. analyze.py reads the last batch's weights.
+
+
+class AttnPoolHead(nn.Module):
+    """Token states (B, T, D) -> one vector per text (B, D) by attention pooling, penalising the
+    listed words' tokens by `penalty` (penalty_table: bool over the vocabulary, as loaded above)."""
+
+    name = "attnpool"
+
+    def __init__(self, hidden_size, penalty_table=None, penalty=0.0):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+        self.penalty = penalty
+        # A buffer so it moves with .to(device), but not saved: it is rebuilt from the word list.
+        self.register_buffer("penalty_table", penalty_table, persistent=False)
+        self.out_dim = hidden_size
+        self.last_weights = None  # (B, T) attention weights of the last batch, for analyze.py
+
+    def forward(self, hidden, mask, input_ids):
+        if self.penalty_table is not None and self.penalty:
+            penalty = penalty_for_ids(input_ids, self.penalty_table, self.penalty)   # (B, T)
+        else:
+            penalty = torch.zeros(mask.shape, device=hidden.device)
+        if torch.is_autocast_enabled(hidden.device.type):
+            # The encoder's last LayerNorm hands over fp32 even under autocast; the pooling is
+            # memory-bound, so reading bf16 halves its time (the kernel accumulates in fp32).
+            hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+        pooled, weights = attn_pool(hidden, mask, penalty, self.score.weight[0], self.score.bias)
+        self.last_weights = weights.detach()
+        return pooled

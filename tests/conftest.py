@@ -8,7 +8,7 @@ from pathlib import Path
 
 # Tests run on CPU, where the Triton kernels run under the interpreter. Triton reads this when a
 # kernel is defined, so it must be set before any test module imports fused_kernels/ (some do
-# through bert.py's attnpool head), whatever order the files run in.
+# through plumbing/classifiers.py, for the attnpool head), whatever order the files run in.
 os.environ["TRITON_INTERPRET"] = "1"
 
 
@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 import bert  # noqa: E402
 import common  # noqa: E402
-import runfolders  # noqa: E402
+from plumbing import runfolders  # noqa: E402
 
 
 def find_rows():
@@ -74,7 +74,7 @@ def save_bert_folder(encoder, folder):
                         {names[k]: v for k, v in encoder.state_dict().items()})
     (folder / "config.json").write_text(json.dumps({"model_type": "bert",
                                                     **dataclasses.asdict(encoder.config)}))
-    shutil.copy(bert.resolve_model("minilm") / "vocab.txt", folder / "vocab.txt")
+    shutil.copy(common.resolve_model("minilm") / "vocab.txt", folder / "vocab.txt")
     return folder
 
 

@@ -12,7 +12,7 @@ import torch
 
 import bert
 import common
-import runfolders
+from plumbing import runfolders
 from conftest import AGNEWS_DIR, needs_rows, save_bert_folder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,15 +15,15 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-import agnews
 import analyze
 import bert
 import common
 import explain
 import mixup_words
 import train_lstm
-from conftest import AGNEWS_DIR, needs_rows
 from fused_kernels.attn_pool import load_penalty_table
+from plumbing import agnews, classifiers
+from conftest import AGNEWS_DIR, needs_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ def test_penalty_list_round_trips_into_the_attnpool_table(run, tmp_path):
     assert json.loads(path.read_text()) == words
     listed = {w for ws in words.values() for w in ws}
     assert listed, "the tiny run makes errors, so some words must be listed"
-    tokenizer = common.load_tokenizer(bert.resolve_model("minilm"))
+    tokenizer = common.load_tokenizer(common.resolve_model("minilm"))
     table = load_penalty_table(path, tokenizer, tokenizer.get_vocab_size())
     ids = [tokenizer.token_to_id(w) for w in listed]
     assert all(i is not None for i in ids) and table[ids].all()
@@ -199,7 +199,7 @@ def test_penalty_list_round_trips_into_the_attnpool_table(run, tmp_path):
 def tiny_bert_classifier(head):
     cfg = bert.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    return bert.BertClassifier(bert.BertModel(cfg), head).eval()
+    return classifiers.bert_classifier(bert.BertModel(cfg), head).eval()
 
 
 def check_completeness(model, input_ids, baseline_ids, steps):

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bert
 import common
+import dropout as cheap_dropout
 from bench.models import set_attention
 from bench.speed_ablation import TRICKS, training_flops
 from conftest import AGNEWS_DIR, needs_rows
@@ -38,7 +39,8 @@ def test_written_out_attention_equals_sdpa(training):
     """Outputs and gradients, on fresh random inputs with padding; in training mode with dropout 0
     (with dropout the two draw different masks)."""
     torch.manual_seed(0)
-    attention = bert.SelfAttention(tiny_config(attention_probs_dropout_prob=0.0)).train(training)
+    attention = cheap_dropout.WrittenOutAttention(
+        tiny_config(attention_probs_dropout_prob=0.0)).train(training)
     x = torch.randn(3, 9, 64)
     mask = padded_mask([9, 5, 2], 9)[:, None, None, :]  # (B, 1, 1, T): keys only
     results = []
@@ -110,6 +112,7 @@ def test_step_breakdown_groups_ops_and_puts_every_optimizer_op_in_one_group():
     assert group_of("aten::mm") == group_of("MmBackward0") == "matmul"
     assert group_of("aten::bernoulli_") == "dropout masks"
     model = bert.BertClassifier(bert.BertModel(tiny_config()), head="pooler").train()
+    cheap_dropout.use_cheap_dropout(model)  # as every run's model (plumbing/classifiers.py)
     batches = [(torch.randint(1, 300, (4, 9)), torch.ones(4, 9, dtype=torch.bool),
                 torch.randint(0, 4, (4,))) for _ in range(3)]
     runtime = common.Runtime(torch.device("cpu"), precision="fp32")

@@ -7,6 +7,7 @@ import transformers
 
 import bert
 import common
+from plumbing import classifiers
 
 # Max abs difference. In float64 the two compute the same maths, at every position (measured
 # 2e-14 on MiniLM): any slip in it shows far above 1e-9. In fp32 their attention kernels round
@@ -43,7 +44,7 @@ def test_minilm_matches_transformers_on_padded_batch():
     generator = torch.Generator()
     print(f"input seed {generator.seed()}")  # shown on failure
     input_ids, mask = padded_batch(30522, [37, 5, 128, 64], generator)
-    compare(bert.resolve_model("minilm"), input_ids, mask)
+    compare(common.resolve_model("minilm"), input_ids, mask)
 
 
 @pytest.mark.parametrize("layers,hidden,heads,intermediate", [(1, 32, 2, 64), (3, 48, 4, 80),
@@ -138,7 +139,7 @@ def test_unsupported_config_is_named(small_checkpoint):
 def test_unknown_model_name_is_one_line(tmp_path):
     with pytest.raises(common.UserError,
                        match="expected minilm, bert-base-uncased or a model folder"):
-        bert.resolve_model(str(tmp_path / "nope"))
+        common.resolve_model(str(tmp_path / "nope"))
 
 
 def test_unknown_head_is_named():
@@ -148,13 +149,13 @@ def test_unknown_head_is_named():
         bert.BertClassifier(encoder, head="gru")
 
 
-@pytest.mark.parametrize("head", bert.HEAD_NAMES)
+@pytest.mark.parametrize("head", classifiers.HEAD_NAMES)
 def test_every_head_gives_a_row_the_same_logits_alone_or_padded_in_a_batch(head):
     """Padding must not change a prediction: a test row's result may not depend on its batch."""
     torch.manual_seed(torch.seed())
     encoder = bert.BertModel(bert.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
                                              num_attention_heads=4, intermediate_size=64))
-    model = bert.BertClassifier(encoder, head=head).eval()
+    model = classifiers.bert_classifier(encoder, head).eval()
     input_ids, mask = padded_batch(60, [5, 17, 2], torch.Generator().manual_seed(torch.seed()))
     with torch.no_grad():
         batched = model(input_ids, mask)
@@ -169,7 +170,7 @@ def test_the_mean_head_is_sentence_transformers_mean_pooling_of_minilm():
     generator = torch.Generator()
     print(f"input seed {generator.seed()}")  # shown on failure
     input_ids, mask = padded_batch(30522, [23, 4, 61], generator)
-    model_dir = bert.resolve_model("minilm")
+    model_dir = common.resolve_model("minilm")
     ours = bert.BertClassifier(bert.BertModel.from_pretrained(model_dir), head="mean").eval()
     theirs = transformers.BertModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     with torch.no_grad():

@@ -12,10 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import agnews
-import bert
 import common
-import runfolders
+from plumbing import agnews, runfolders
 from conftest import AGNEWS_DIR, NO_ROWS
 
 
@@ -146,7 +144,7 @@ def test_ddp_shards_are_disjoint_and_equal_in_count():
 
 
 def test_encode_truncates_keeping_sep():
-    tokenizer = common.load_tokenizer(bert.resolve_model("minilm"))
+    tokenizer = common.load_tokenizer(common.resolve_model("minilm"))
     ids = common.encode(tokenizer, ["word " * 300, "short text"], max_len=16)
     assert len(ids[0]) == 16 and ids[0][0] == 101 and ids[0][-1] == 102
     assert ids[1].tolist() == tokenizer.encode("short text").ids

@@ -10,14 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import agnews
 import bert
 import common
 import distill
 import eda
 import loop
-import run
 import train_lstm
+from plumbing import agnews, run
 from conftest import AGNEWS_DIR, TINY_LSTM_ARGS, made_up_rows, needs_rows
 
 

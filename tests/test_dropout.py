@@ -1,9 +1,13 @@
 """dropout.py: the cheap masks drop at the rate asked (to 2^-17), every 16-bit lane alike, keep the
 expected value exactly, pass the gradient through the kept elements only, and are a function of the
-seed; bert.py trains with them on a CPU (attention written out), and the loop's exact resume and
-train_plain equality (tests/test_loop.py) run with them, dropout 0.1."""
+seed; swapped into bert.py's model (use_cheap_dropout) they train it on a CPU (attention written
+out), and the loop's exact resume and train_plain equality (tests/test_loop.py) run with them,
+dropout 0.1."""
+import copy
+
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import bert
@@ -131,3 +135,29 @@ def test_bert_on_a_cpu_trains_through_the_written_out_attention_with_cheap_masks
         evaluated = model(input_ids, mask)
         set_attention(model, "written")
         torch.testing.assert_close(model(input_ids, mask), evaluated, rtol=1e-5, atol=1e-5)
+
+
+def test_the_swap_keeps_every_weight_and_changes_nothing_in_eval():
+    """use_cheap_dropout turns bert.py's plain model into lesson 4's in place: no nn.Dropout and
+    no plain SelfAttention left, the same state_dict (keys and values), the same eval output; in
+    training on a CPU it draws the cheap masks (its output differs from the plain model's)."""
+    plain = tiny_model(0.1)
+    swapped = cheap_dropout.use_cheap_dropout(copy.deepcopy(plain))
+    kinds = [type(m) for m in swapped.modules()]
+    assert nn.Dropout not in kinds and bert.SelfAttention not in kinds
+    assert kinds.count(cheap_dropout.WrittenOutAttention) == 2
+    assert kinds.count(cheap_dropout.Dropout) == 1 + 2  # the embeddings', one a layer's residuals
+    expected = plain.state_dict()
+    assert list(swapped.state_dict()) == list(expected)
+    assert all(torch.equal(v, expected[k]) for k, v in swapped.state_dict().items())
+    input_ids = torch.randint(1, 300, (3, 10))
+    mask = torch.arange(10)[None, :] < torch.tensor([10, 6, 3])[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(swapped.eval()(input_ids, mask), plain.eval()(input_ids, mask),
+                                   rtol=0, atol=0)
+        torch.manual_seed(5)
+        cheap = swapped.train()(input_ids, mask)
+        torch.manual_seed(5)
+        assert (cheap - plain.train()(input_ids, mask)).abs().max() > 1e-3
+    assert cheap_dropout.use_cheap_dropout(swapped) is swapped  # a second swap changes nothing
+    assert [type(m) for m in swapped.modules()] == kinds

@@ -19,12 +19,10 @@ import torch
 from safetensors.torch import save_file
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-import agnews
-import bert
 import common
 import eda
-import run
 import train_lstm
+from plumbing import agnews, run
 from conftest import AGNEWS_DIR, Killed, die_after_epoch_1, needs_rows, single_thread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +205,7 @@ def test_table_is_cached_by_content(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def minilm_table():
     """The real table of MiniLM (built once, then read from common.CACHE_DIR)."""
-    return eda.synonym_table(bert.resolve_model("minilm"), verbose=False)
+    return eda.synonym_table(common.resolve_model("minilm"), verbose=False)
 
 
 def test_minilm_neighbours_are_whole_non_stop_words(minilm_table):
@@ -226,7 +224,7 @@ def test_minilm_neighbours_are_whole_non_stop_words(minilm_table):
 def test_minilm_neighbours_match_brute_force_cosines(minilm_table):
     """For 40 words, the table equals the top-5 whole non-stop words by cosine over the vocabulary,
     computed here directly (float64, no chunks), above the threshold."""
-    model_dir = bert.resolve_model("minilm")
+    model_dir = common.resolve_model("minilm")
     embeddings = eda.input_embeddings(model_dir).double()
     vocab = common.load_tokenizer(model_dir).get_vocab()
     words = sorted((i, w) for w, i in vocab.items()
@@ -325,7 +323,8 @@ def test_same_seed_same_rows_other_seed_other_rows(splits):
 
 
 SCRIPT = """
-import argparse, json, numpy as np, agnews, eda
+import argparse, json, numpy as np, eda
+from plumbing import agnews
 rows = json.load(open({rows!r}))
 splits = {{name: agnews.Split(r["texts"], np.array(r["labels"])) for name, r in rows.items()}}
 args = argparse.Namespace(eda=True, eda_n=4, eda_alpha=0.1, eda_threshold=eda.EDA_THRESHOLD,

@@ -18,9 +18,9 @@ import transformers
 import bert
 import common
 import export
-import runfolders
 import train_bert
 import train_lora
+from plumbing import runfolders
 from conftest import AGNEWS_DIR, NO_ROWS, single_thread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def check_against_run(run_dir, hf_dir):
         # The rows longer than --max-len are where the cut matters: transformers' truncation gives
         # the ids common.encode gives ([CLS] ... [SEP], cut keeping the final [SEP]), and without it
         # the probabilities are not the run's.
-        ours = common.encode(common.load_tokenizer(bert.resolve_model("minilm")), rows.texts,
+        ours = common.encode(common.load_tokenizer(common.resolve_model("minilm")), rows.texts,
                              MAX_LEN)
         theirs = tokenizer(list(rows.texts), truncation=True)["input_ids"]
         assert [list(r) for r in ours] == theirs

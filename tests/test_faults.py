@@ -18,14 +18,12 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-import agnews
 import analyze
-import bert
 import common
 import export
-import runfolders
 import train_lstm
 import vote
+from plumbing import agnews, runfolders
 from conftest import AGNEWS_DIR, NO_ROWS, TINY_LSTM_ARGS, single_thread
 
 FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -220,12 +218,12 @@ def test_export_writes_its_tokenizer_files_through_the_helpers(tmp_path, monkeyp
     monkeypatch.setattr(tokenizers, "Tokenizer", FullTokenizer)
     with pytest.raises(common.UserError,
                        match=rf"^cannot write {tmp_path}/tokenizer\.json: No space left on device"):
-        export.write_tokenizer(tmp_path, bert.resolve_model("minilm"), 64)
+        export.write_tokenizer(tmp_path, common.resolve_model("minilm"), 64)
     monkeypatch.undo()
     monkeypatch.setattr(shutil, "copyfile", written_then_full)  # vocab.txt: a copy
     with pytest.raises(common.UserError,
                        match=rf"^cannot write {tmp_path}/vocab\.txt: No space left on device"):
-        export.write_tokenizer(tmp_path, bert.resolve_model("minilm"), 64)
+        export.write_tokenizer(tmp_path, common.resolve_model("minilm"), 64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
 
 
@@ -247,7 +245,7 @@ def tiny_disk(tmp_path):
 
 def test_a_real_full_disk_is_one_line_for_every_writer(tiny_disk):
     big = np.zeros(100_000, dtype=np.float32)  # 400 KB: more than the disk holds
-    tokenizer = common.load_tokenizer(bert.resolve_model("minilm"))  # tokenizer.json: 700 KB
+    tokenizer = common.load_tokenizer(common.resolve_model("minilm"))  # tokenizer.json: 700 KB
     writers = [("w.safetensors", lambda p: common.save_weights(p, {"w": torch.from_numpy(big)})),
                ("p.npy", lambda p: common.save_npy(p, big)),
                ("m.json", lambda p: common.save_json(p, big.tolist())),

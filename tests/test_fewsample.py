@@ -7,6 +7,7 @@ import bert
 import common
 import fewsample
 import loop
+import plain_loop
 import resume
 import train_lora
 
@@ -44,7 +45,7 @@ def test_llrd_gives_each_layer_its_rate_and_decays_matrices_only():
     assert rates["bert.layers.2.ffn_in.weight"][0] == pytest.approx(0.9e-3)
     assert rates["bert.embeddings.word.weight"][0] == pytest.approx(1e-3 * 0.9 ** 4)
     # the schedule scales every group alike: the ratios hold mid-warm-up
-    scheduler = loop.warmup_linear_decay(optimizer, 10, 0.5)
+    scheduler = plain_loop.warmup_linear_decay(optimizer, 10, 0.5)
     for _ in range(2):
         optimizer.step()
         scheduler.step()

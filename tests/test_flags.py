@@ -8,10 +8,9 @@ import pytest
 
 import analyze
 import common
-import flags
 import loop
-import runfolders
 import train_lstm
+from plumbing import flags, runfolders
 from conftest import AGNEWS_DIR, TINY_LSTM_ARGS, needs_rows, single_thread
 
 SCRIPTS = ["train_bert", "train_lora", "train_lstm", "vote", "analyze", "export", "serve"]

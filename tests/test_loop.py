@@ -21,11 +21,11 @@ import awp
 import bert
 import common
 import loop
+import plain_loop
 import resume
-import run
-import runfolders
 import train_lora
 import train_lstm
+from plumbing import run, runfolders
 from conftest import AGNEWS_DIR, made_up_rows, needs_rows, save_bert_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_train_with_every_option_off_is_train_plain(sample, tmp_path):
     args = loop_args(epochs=2, lr=1e-3, log_every=3)
     plain, full = tiny_classifier(dropout=0.1), tiny_classifier(dropout=0.1)
     start = tiny_classifier(dropout=0.1)
-    plain_history = loop.train_plain(plain, sample, args, CPU)
+    plain_history = plain_loop.train_plain(plain, sample, args, CPU)
     history = loop.train(full, sample, args, CPU, tmp_path)
     assert largest_difference(plain, start) > 1e-3  # both loops did train
     assert largest_difference(plain, full) <= 1e-6
@@ -142,7 +142,7 @@ def test_train_with_every_option_off_is_train_plain(sample, tmp_path):
         assert plain_val["macro_f1"] == pytest.approx(record["val_macro_f1"], abs=1e-9)
         assert plain_val["loss"] == pytest.approx(record["val_loss"], abs=1e-6)
     nudged = tiny_classifier(dropout=0.1)
-    loop.train_plain(nudged, sample, loop_args(epochs=2, lr=1.01e-3), CPU)
+    plain_loop.train_plain(nudged, sample, loop_args(epochs=2, lr=1.01e-3), CPU)
     assert largest_difference(plain, nudged) > 1e-4
 
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 import transformers
 
-import agnews
 import bert
 import common
-import runfolders
 import train_lora
+from plumbing import agnews, runfolders
 from conftest import AGNEWS_DIR, NO_ROWS, needs_rows
 from train_lora import count_lora_parameters, inject_lora, merge_lora, unmerge_lora
 

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import agnews
 import common
-import runfolders
-from conftest import AGNEWS_DIR, Killed, die_after_epoch_1, needs_rows
 import train_lstm
+from plumbing import agnews, runfolders
+from conftest import AGNEWS_DIR, Killed, die_after_epoch_1, needs_rows
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest.single_thread
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import common
-import run
-import runfolders
 import train_lora
+from plumbing import run, runfolders
 from conftest import AGNEWS_DIR, needs_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import agnews
 import bert
 import common
 import quantize
+from plumbing import agnews
 
 
 def fresh_seed():
@@ -82,7 +82,7 @@ def test_the_int8_layer_is_within_the_rounding_bound_of_the_float_layer():
 
 @pytest.fixture(scope="module")
 def minilm():
-    model_dir = bert.resolve_model("minilm")
+    model_dir = common.resolve_model("minilm")
     return bert.BertModel.from_pretrained(model_dir).eval(), common.load_tokenizer(model_dir)
 
 

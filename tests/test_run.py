@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import common
-import runfolders
+from plumbing import runfolders
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 20
@@ -19,7 +19,8 @@ ROUNDS = 20
 CLAIMER = """
 import argparse, os, sys
 sys.path.insert(0, {root!r})
-import common, runfolders
+import common
+from plumbing import runfolders
 print("ready", flush=True)
 for k in range({rounds}):
     go = os.path.join({folder!r}, f"go{{k}}")

@@ -1,4 +1,4 @@
-"""explain.py's Shapley values of words (analyze.py --shap and --contrast), by hand. The
+"""shapley.py's Shapley values of words (analyze.py --shap and --contrast), by hand. The
 combinatorics on a game whose values are known by hand; on tiny random models: efficiency (exact
 and sampled), sampling with every order drawn equal to exact enumeration, a word the model cannot
 see getting 0, absent words unseen by every head and by the LSTMs; then both flags end to end on a
@@ -17,6 +17,7 @@ import common
 import explain
 import shapley
 import train_lstm
+from plumbing import classifiers
 from conftest import needs_rows
 
 # A WordPiece vocabulary small enough to read: "playstation" is "play" + "##station", "webs" is
@@ -42,7 +43,7 @@ def tiny_bert(head="pooler", layers=2, seed=0, **head_kwargs):
     cfg = bert.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=layers,
                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = bert.BertClassifier(bert.BertModel(cfg), head, dropout=0.0, **head_kwargs).eval()
+    model = classifiers.bert_classifier(bert.BertModel(cfg), head, 0.0, **head_kwargs).eval()
     with torch.no_grad():  # a random classifier's logits differ by ~0.1; scale them up to ~1
         model.classifier.weight.mul_(10)
     return model
@@ -133,6 +134,15 @@ def test_efficiency_exact_and_sampled(tokenizer, one_cpu_thread):
         assert result.f_text == pytest.approx(float(logits.max()), abs=1e-5)
 
 
+def test_a_model_is_left_in_the_mode_it_came_in_and_an_odd_sample_count_is_refused(tokenizer):
+    model = tiny_bert("pooler").train()
+    shapley.word_shapley(model, tokenizer, SIX_WORDS, 64)
+    assert model.training
+    for samples in (0, 1, 15):
+        with pytest.raises(common.UserError, match="even number of at least 2"):
+            shapley.word_shapley(model, tokenizer, FOURTEEN_WORDS, 64, samples=samples)
+
+
 def test_every_order_drawn_equals_exact_enumeration(tokenizer, one_cpu_thread):
     model = tiny_bert("textcnn", seed=1)
     text = "oracle software profit rise"                                # 4 words: all 24 orders
@@ -172,7 +182,7 @@ def random_coalitions(n, k, seed):
     return coalitions
 
 
-MODELS = [*[f"bert_{head}" for head in bert.HEAD_NAMES], "lstm", "bilstm_attn"]
+MODELS = [*[f"bert_{head}" for head in classifiers.HEAD_NAMES], "lstm", "bilstm_attn"]
 
 
 def build(name):

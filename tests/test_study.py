@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import agnews
 import bert
 import common
-import runfolders
+from plumbing import agnews, runfolders
 from conftest import AGNEWS_DIR, needs_rows, save_bert_folder
 
 ROOT = Path(__file__).resolve().parents[1]

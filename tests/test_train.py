@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import agnews
-import bert
 import common
 import loop
-import run
-import runfolders
+from plumbing import agnews, classifiers, run, runfolders
 from conftest import AGNEWS_DIR, needs_rows
 
 pytestmark = needs_rows  # every test here trains on, or reloads, real AG News rows
@@ -27,7 +24,7 @@ CPU = common.Runtime(torch.device("cpu"))
 
 def train_args(**overrides):
     parser = run.add_common_args(argparse.ArgumentParser(), lr=1e-4, epochs=2)
-    bert.add_bert_args(parser)
+    classifiers.add_bert_args(parser)
     args = parser.parse_args([])
     for key, value in {"batch_size": 16, "max_len": 64, **overrides}.items():
         setattr(args, key, value)
@@ -38,18 +35,18 @@ def train_args(**overrides):
 def sample():
     """A small stratified sample, tokenized once for every test here."""
     splits = agnews.load_ag_news(AGNEWS_DIR, train_size=320, val_size=80, test_size=200)
-    tokenizer = common.load_tokenizer(bert.resolve_model("minilm"))
+    tokenizer = common.load_tokenizer(common.resolve_model("minilm"))
     return splits, common.encode_splits(tokenizer, splits, 64)
 
 
 def small_classifier(head, **head_kwargs):
     """MiniLM cut to its first 3 layers: the same pretrained weights, twice as fast to train."""
-    model, _ = bert.build_bert_classifier({"model": "minilm", "head": head, "dropout": 0.1})
+    model, _ = classifiers.build_bert_classifier({"model": "minilm", "head": head, "dropout": 0.1})
     model.bert.layers = model.bert.layers[:3]
     return model
 
 
-@pytest.mark.parametrize("head", bert.HEAD_NAMES)
+@pytest.mark.parametrize("head", classifiers.HEAD_NAMES)
 def test_each_head_learns(tmp_path, sample, head):
     torch.manual_seed(0)
     splits, data = sample

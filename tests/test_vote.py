@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import agnews
 import common
 import distill
-import runfolders
 import vote
+from plumbing import agnews, runfolders
 from conftest import AGNEWS_DIR, needs_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,10 +15,10 @@ import torch
 import bert
 import common
 import export
-import runfolders
 import train_lora
 import train_lstm
 import vote
+from plumbing import runfolders
 from conftest import AGNEWS_DIR, TINY_LSTM_ARGS, Killed, needs_rows, single_thread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,9 +262,9 @@ ALONE_VS_BATCH = {"fp32": 1e-5, "bf16": 0.05}
 def test_a_text_alone_and_in_a_batch_agree_to_the_stated_tolerance(precision):
     """MiniLM with a classifier scaled up to confident probabilities (a mean top probability of
     0.91, as a trained run's): 64 of today's news alone and in one batch of mixed lengths."""
-    import agnews
+    from plumbing import agnews
     torch.manual_seed(1)
-    model_dir = bert.resolve_model("minilm")
+    model_dir = common.resolve_model("minilm")
     model = bert.BertClassifier(bert.BertModel.from_pretrained(model_dir), "pooler").eval()
     with torch.no_grad():
         model.classifier.weight.mul_(200)  # logits of several units: probabilities near 0 and 1
@@ -288,7 +288,7 @@ def test_a_text_alone_and_in_a_batch_agree_to_the_stated_tolerance(precision):
 # --------------------------------------------------------------------------------------------------
 def test_runs_of_two_data_folders_are_voted_and_compared_with_a_line_saying_so(tiny_lstm_run,
                                                                                tmp_path, capsys):
-    import agnews
+    from plumbing import agnews
     import compare
     recorded = common.load_json(tiny_lstm_run / "metrics.json")["train_csv_md5"]
     assert recorded == agnews.md5_of(AGNEWS_DIR / "train.csv")

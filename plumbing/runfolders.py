@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-import agnews
 import common
+from plumbing import agnews
 
 RESUME_FILE = "resume.safetensors"  # in a run folder while a run is unfinished
 

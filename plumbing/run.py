@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import agnews
 import awp
 import common
 import distill
 import eda
-import flags
 import rdrop
-import runfolders
+from plumbing import agnews, flags, runfolders
 
 
 def add_common_args(parser, lr, epochs, batch_size=32):

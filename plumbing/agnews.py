@@ -30,7 +30,7 @@ import common
 DATA_SEED = 42
 VAL_FRACTION = 0.1
 # Today's news, the second test set every finished run scores (issue 22)
-CASES_FILE = Path(__file__).resolve().parent / "cases" / "news_2020s.csv"
+CASES_FILE = Path(__file__).resolve().parent.parent / "cases" / "news_2020s.csv"
 # the release, as mirrored by fast.ai
 AGNEWS_URL = "https://s3.amazonaws.com/fast-ai-nlp/ag_news_csv.tgz"
 AGNEWS_TEST_MD5 = "d52ea96a97a2d943681189a97654912d"  # official test.csv (7,600 rows)
