@@ -3,14 +3,18 @@
 Two questions a single table cannot answer:
   1. Does a conclusion hold with more data? `python analyze.py --learning-curve runs/study-quick
      runs/study-medium`: every experiment of the study at each size (2,000 and 24,175 rows), test
-     macro F1 against training rows, and beside it each experiment minus the baseline: a verdict
-     that changes with data is a line that crosses 0 (LoRA r 8 does: best at 2,000 rows, last of
-     the BERTs at 24,175).
+     macro F1 against training rows, and beside it each one minus the baseline with the 95%
+     interval of --compare's table (compare.paired_bootstrap: test rows and seeds resampled). At
+     each size the interval gives the verdict: above 0 (better), below (worse), holding 0 (inside
+     the noise). A conclusion changed with data where the verdict did (better at 2,000 rows, worse
+     or inside the noise at 24,175), not where two means inside the noise cross 0. Printed too.
   2. How long to train? `python analyze.py --epochs-curve runs/acc/pooler_e1 runs/acc/pooler_e3
      ...`: macro F1 against epochs, validation (where the length is CHOSEN) beside test (where the
      chosen length is REPORTED, once). Choosing the length on the test curve would be a leak.
-Each point is an experiment of compare.py (its seeds pooled): mean ± std over seeds.
+Each score is an experiment of compare.py (its seeds pooled): mean ± std over seeds.
 tests/test_compare.py checks both on made-up runs whose answer is known.
+
+Lesson 20 of README's reading path: read after compare.py; next: quantize.py.
 """
 from pathlib import Path
 
@@ -21,7 +25,12 @@ import numpy as np
 
 import common
 import compare
-import runfolders
+from plumbing import runfolders
+
+# The right panel's scale fits the intervals of the points within 5 points of 0 (all, if none is);
+# a point further off (an LSTM at 2,000 rows) is still drawn, past the edge: a triangle marks it
+# there and its value is written.
+OFF_SCALE = 5.0   # points of macro F1
 
 
 def training_rows(run):
@@ -36,62 +45,149 @@ def training_rows(run):
     raise common.UserError(f"{run}/metrics.json: no training row count")
 
 
-def learning_curve(paths):
-    """{experiment name: {study folder: (training rows, [test macro F1 of each seed])}} over the
-    given study folders (e.g. runs/study-quick and runs/study-medium), each gathered as --compare
-    gathers one; an experiment keeps its name across folders. With --eda or --unlabeled the rows
-    count the copies or the unlabelled rows too."""
+def learning_curve(studies):
+    """{experiment name: {study folder: (training rows, [test macro F1 of each seed])}} over
+    studies, {study folder: [compare.Experiment]} (e.g. runs/study-quick and runs/study-medium,
+    each gathered as --compare gathers one); an experiment keeps its name across folders. With
+    --eda or --unlabeled the rows count the copies or the unlabelled rows too."""
     curves = {}
-    for path in paths:
-        for experiment in compare.gather_experiments([path]):
+    for study, experiments in studies.items():
+        for experiment in experiments:
             rows = {training_rows(run) for run in experiment.runs}
             if len(rows) != 1:
-                raise common.UserError(f"{path}: the seeds of {experiment.name} trained on "
+                raise common.UserError(f"{study}: the seeds of {experiment.name} trained on "
                                        f"different numbers of rows ({sorted(rows)})")
             f1 = [m["test"]["macro_f1"] for m in experiment.metrics]
-            curves.setdefault(experiment.name, {})[str(path)] = (rows.pop(), f1)
+            curves.setdefault(experiment.name, {})[study] = (rows.pop(), f1)
     return curves
 
 
-def plot_learning_curve(curves, path, baseline="bert_pooler"):
+def gaps_to_baseline(studies, baseline="bert_pooler", data_dir=None, seed=0):
+    """{experiment name: {study folder: (difference, low, high)}}: in each study folder holding
+    the baseline, each experiment's test macro F1 minus the baseline's with its 95% interval, by
+    compare.paired_bootstrap with the seed and the seed pairing of --compare's table (seed k with
+    the baseline's seed k where both ran the same seeds), so that figure and table agree."""
+    gaps = {}
+    for study, experiments in studies.items():
+        base = next((e for e in experiments if e.name == baseline), None)
+        if base is None:
+            print(f"{study}: no {baseline} there, so no differences from it at this size")
+            continue
+        labels = runfolders.load_scored_split(base.runs[0], "test", data_dir).labels    # (N,)
+        base_preds = np.stack([p.argmax(1) for p in base.probs(len(labels))])          # (R, N)
+        for experiment in experiments:
+            if experiment is base:
+                continue
+            preds = np.stack([p.argmax(1) for p in experiment.probs(len(labels))])     # (R', N)
+            paired = len(experiment.seeds) > 1 and experiment.seeds == base.seeds  # as --compare
+            gaps.setdefault(experiment.name, {})[study] = compare.paired_bootstrap(
+                preds, base_preds, labels, seed=seed, paired_seeds=paired)
+    return gaps
+
+
+def verdict(low, high):
+    """Where a difference's interval lies: above 0, below 0, or holding 0."""
+    return "better" if low > 0 else "worse" if high < 0 else "inside the noise"
+
+
+def changed_conclusions(curves, gaps):
+    """{experiment name: ['better at 2,000 rows -> worse at 24,175 rows', ...]}: where the verdict
+    of one size differs from that of the next larger; experiments whose verdict holds are absent."""
+    changes = {}
+    for name, by_study in gaps.items():
+        points = sorted((curves[name][study][0], verdict(low, high))
+                        for study, (_, low, high) in by_study.items())
+        for (rows, was), (more_rows, now) in zip(points, points[1:]):
+            if was != now:
+                changes.setdefault(name, []).append(f"{was} at {rows:,} rows -> {now} at "
+                                                    f"{more_rows:,} rows")
+    return changes
+
+
+def line_style(k, name):
+    """The k-th experiment's line, alike on both panels: solid for BERTs, dashed for the rest."""
+    return ("-" if name.startswith(("bert", "lora")) else "--"), plt.cm.tab20(k % 20)
+
+
+def draw_gaps(right, curves, gaps, baseline):
+    """On the right panel, each experiment's difference from the baseline (points) against its
+    training rows, with the 95% interval as a bar. Returns what it drew: {"lines": {name: (x,
+    difference, low, high), each (P,)}, "ylim", "texts"}, read back from the panel's artists, and
+    "off_scale": ['lstm at 2,000 rows: -19.8 [-20.9, -18.7]', ...], the points past its edge."""
+    points = {name: sorted((curves[name][study][0], *(100 * np.array(gap)))
+                           for study, gap in by_study.items())
+              for name, by_study in gaps.items()}           # name: [(rows, diff, low, high)]
+    interval_ends = [(abs(diff) <= OFF_SCALE, end) for line in points.values()
+                     for _, diff, *interval in line for end in interval]
+    near = [end for is_near, end in interval_ends if is_near] or [e for _, e in interval_ends]
+    bottom, top = min(near + [-1.0]), max(near + [1.0])
+    bottom, top = bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom)
+    names, off_scale, marked = sorted(curves), [], []
+    largest = max(n for line in points.values() for n, *_ in line)   # its texts go leftwards
+    for name, line in sorted(points.items()):
+        k = names.index(name)
+        style, color = line_style(k, name)
+        rows, diff, low, high = np.array(line).T                                      # (P,) each
+        dodged = rows * 1.012 ** (k - len(names) / 2)  # side by side, so the bars do not overlap
+        right.errorbar(dodged, diff, yerr=[diff - low, high - diff], fmt="o" + style, capsize=3,
+                       color=color, label=name)
+        for x, (n, d, lo, hi) in zip(dodged, line):
+            if bottom <= lo and hi <= top:
+                continue
+            up, value = d > 0, f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]"   # up: it runs off the top
+            edge, nth = (top if up else bottom), marked.count((n, up))  # nth: stacked texts
+            marked.append((n, up))
+            off_scale.append(f"{name} at {n:,} rows: {value}")
+            right.plot(x, edge, "^" if up else "v", color=color, ms=9, clip_on=False)
+            shift = (8 if n < largest else -8, (6 + 10 * nth) * (-1 if up else 1))  # inward
+            right.annotate(f"{name} {value}", (x, edge), xytext=shift, fontsize=7, color=color,
+                           textcoords="offset points", va="top" if up else "bottom",
+                           ha="left" if n < largest else "right")
+    right.set_ylim(bottom, top)
+    right.axhline(0, color="black", lw=1, ls=":")
+    right.set_ylabel(f"macro F1 minus {baseline}'s (points; colours as on the left)")
+    right.set_title(f"Minus {baseline}, with 95% paired-bootstrap intervals\n"
+                    f"verdict: above 0, below 0, or holding 0 (noise)", fontsize=10)
+    lines = {}
+    for container in right.containers:  # an errorbar: its line, its caps, its bars
+        data_line, _, (bars,) = container.lines
+        ends = np.array(bars.get_segments())                       # (P, 2, 2): (x, low), (x, high)
+        lines[container.get_label()] = (*data_line.get_data(), ends[:, 0, 1], ends[:, 1, 1])
+    return {"lines": lines, "ylim": right.get_ylim(), "off_scale": off_scale,
+            "texts": [text.get_text() for text in right.texts]}
+
+
+def plot_learning_curve(curves, gaps, path, baseline="bert_pooler"):
     """Test macro F1 against training rows (log scale), one line per experiment: the mean over
     seeds, a bar of ±1 std; experiments measured at one size only are dots. Where the baseline was
-    measured, a second panel draws each experiment's mean minus the baseline's at each size: a
-    conclusion that changes with data is a line that crosses 0. Lines more than 5 points from the
-    baseline (the from-scratch LSTMs at 2,000 rows) are left out of that panel, which would
-    otherwise be all scale."""
-    base = {study: np.mean(f1) for study, (_, f1) in curves.get(baseline, {}).items()}
-    fig, axes = plt.subplots(1, 2 if base else 1, figsize=(compare.COMPARE_WIDTH, 6), squeeze=False)
+    measured, a second panel (draw_gaps) holds each experiment's difference from it with its 95%
+    interval; no line is left out. Returns (path, what the second panel drew, or None)."""
+    fig, axes = plt.subplots(1, 2 if gaps else 1, figsize=(compare.COMPARE_WIDTH, 6),
+                             squeeze=False)
     ax = axes[0, 0]
     sizes = sorted({r for by_study in curves.values() for r, _ in by_study.values()})
     for k, (name, by_study) in enumerate(sorted(curves.items())):
-        style, color = ("-" if name.startswith(("bert", "lora")) else "--"), plt.cm.tab20(k % 20)
+        style, color = line_style(k, name)
         points = sorted(by_study.values())
         means, stds = zip(*(compare.mean_std(f1) for _, f1 in points))
         ax.errorbar([r for r, _ in points], means, yerr=stds, fmt="o" + style, capsize=3,
                     label=name, color=color)
-        gaps = sorted((rows, np.mean(f1) - base[study])
-                      for study, (rows, f1) in by_study.items() if study in base)
-        if base and name != baseline and gaps and max(abs(g) for _, g in gaps) < 0.05:
-            axes[0, 1].plot([r for r, _ in gaps], [100 * g for _, g in gaps], "o" + style,
-                            color=color, label=name)
     ax.set_ylabel("test macro F1 (mean ± std over seeds)")
     ax.set_title("The study's experiments at each size")
     ax.legend(fontsize=8, ncol=2, loc="lower right")
-    if base:
-        right = axes[0, 1]
-        right.axhline(0, color="black", lw=1, ls=":", label=f"{baseline} (0)")
-        right.set_ylabel(f"mean macro F1 minus {baseline}'s (points)")
-        right.set_title(f"Against {baseline}: crossing 0 = a changed conclusion")
-        right.legend(fontsize=8, loc="best")
+    drawn = draw_gaps(axes[0, 1], curves, gaps, baseline) if gaps else None
     for axis in axes[0]:
         axis.set_xscale("log")
         axis.set_xticks(sizes, [f"{s:,}" for s in sizes])
         axis.minorticks_off()
         axis.set_xlabel("training rows (log scale)")
         axis.grid(alpha=0.3)
-    fig.tight_layout()
-    return common.save_figure(fig, path)
+    if drawn and drawn["off_scale"]:
+        fig.text(0.01, 0.01, f"▲/▼: a point more than {OFF_SCALE:g} points from 0, off the right "
+                 f"panel's scale; its line runs on past the edge, its value [95% interval] is "
+                 f"written beside it", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return common.save_figure(fig, path), drawn
 
 
 SPLITS = ("val", "test")  # the epochs curve: where the length is chosen, where it is reported
@@ -144,20 +240,36 @@ def show_epochs_curve(paths, out_dir):
     return common.save_figure(fig, Path(out_dir) / "epochs_curve.png")
 
 
-def show_learning_curve(paths, out_dir):
+def score_text(rows, f1):
+    return "{:.4f} ± {:.4f} ".format(*compare.mean_std(f1)) + f"({rows:,} rows, {len(f1)} seeds)"
+
+
+def gap_text(diff, low, high):   # '+2.50 [+1.90, +3.10] better': in points, with the verdict
+    return f"{100 * diff:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] {verdict(low, high)}"
+
+
+def show_learning_curve(paths, out_dir, data_dir=None, seed=0, baseline="bert_pooler"):
     """Print the curve as a table, a column per study folder in the order given ("-" where the
-    experiment is not in it); write learning_curve.png into out_dir."""
-    curves = learning_curve(paths)
-    print("\n| experiment | " + " | ".join(str(p) for p in paths) + " |")
-    print("| --- |" + " ---: |" * len(paths))
+    experiment is not in it); then each experiment against the baseline with its interval and
+    verdict at each size, and where that verdict changes; write learning_curve.png into out_dir.
+    Returns plot_learning_curve's (path, what the right panel drew)."""
+    studies = {str(path): compare.gather_experiments([path]) for path in paths}
+    curves = learning_curve(studies)
+    gaps = gaps_to_baseline(studies, baseline, data_dir, seed)
+    header = "| experiment | " + " | ".join(studies) + " |"
+    print("\n" + header + "\n| --- |" + " ---: |" * len(studies))
     for name, by_study in sorted(curves.items()):
-        cells = []
-        for study in map(str, paths):
-            if study not in by_study:
-                cells.append("-")
-                continue
-            rows, f1 = by_study[study]
-            mean, std = compare.mean_std(f1)
-            cells.append(f"{mean:.4f} ± {std:.4f} ({rows:,} rows, {len(f1)} seeds)")
+        cells = [score_text(*by_study[study]) if study in by_study else "-" for study in studies]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    return plot_learning_curve(curves, Path(out_dir) / "learning_curve.png")
+    changes = changed_conclusions(curves, gaps)
+    if gaps:
+        print(f"\nMinus {baseline} (points), 95% paired bootstrap over test rows and seeds as in "
+              f"--compare; better or worse: the interval excludes 0")
+        print(header + " changed conclusion |\n| --- |" + " ---: |" * len(studies) + " --- |")
+    for name, by_study in sorted(gaps.items()):
+        cells = [gap_text(*by_study[study]) if study in by_study else "-" for study in studies]
+        print(f"| {name} | " + " | ".join(cells) + f" | {'; '.join(changes.get(name, ['no']))} |")
+    path, drawn = plot_learning_curve(curves, gaps, Path(out_dir) / "learning_curve.png", baseline)
+    for point in (drawn or {}).get("off_scale", []):
+        print(f"off the right panel's scale, drawn at its edge with its value: {point}")
+    return path, drawn

@@ -20,7 +20,8 @@
 #   4. with the budget left, the study's table (study.sh full, one seed by default: STUDY_SEEDS):
 #      heads, LoRA, attnpool with and without the penalty, LSTMs, the vote, analyze.py --compare
 # Each step has its own time limit and the whole a budget (BUDGET_S), most important first: what does
-# not fit is skipped and said so, never left half-written.
+# not fit is skipped and said so, never left half-written. GPU_SKIP (a regex of step names, e.g.
+# 'bert-base') skips steps on purpose.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${GPU_MODEL:-minilm}
@@ -35,6 +36,9 @@ STATUS=()
 
 step() {  # step NAME LIMIT_S COMMAND...: run unless the budget is spent; keep its output in the log
   local name=$1 limit=$2; shift 2
+  if [ -n "${GPU_SKIP:-}" ] && [[ "$name" =~ $GPU_SKIP ]]; then  # GPU_SKIP: a regex of step names
+    STATUS+=("$name: SKIPPED (GPU_SKIP)"); return
+  fi
   local left=$((BUDGET_S - (SECONDS - START)))
   if [ "$left" -lt 20 ]; then STATUS+=("$name: SKIPPED (budget spent)"); return; fi
   [ "$limit" -gt "$left" ] && limit=$left

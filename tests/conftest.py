@@ -78,6 +78,15 @@ def save_bert_folder(encoder, folder):
     return folder
 
 
+def tiny_bert_folder(folder, num_layers):
+    """A random BERT of hidden size 32 (2 heads, MLP 64) and num_layers layers with MiniLM's
+    vocabulary, drawn from seed 0, as a --model folder (save_bert_folder). Returns the folder."""
+    torch.manual_seed(0)
+    config = bert.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=num_layers,
+                             num_attention_heads=2, intermediate_size=64)
+    return save_bert_folder(bert.BertModel(config), folder)
+
+
 class Killed(Exception):
     """Stands for the process being killed, in the tests that resume a run cut short."""
 

@@ -8,12 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
-import bert
 import common
 from plumbing import runfolders
-from conftest import AGNEWS_DIR, needs_rows, save_bert_folder
+from conftest import AGNEWS_DIR, needs_rows, tiny_bert_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # after the stage's own flags (argparse takes the last): 64 labelled rows, 64 unlabelled ones
@@ -35,10 +33,7 @@ STAGES = {
 def tiny_model(tmp_path_factory):
     """A 3-layer BERT of hidden size 32 with MiniLM's vocabulary (--reinit-top 2 needs a layer
     below the two), as a --model folder."""
-    torch.manual_seed(0)
-    config = bert.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3,
-                             num_attention_heads=2, intermediate_size=64)
-    return save_bert_folder(bert.BertModel(config), tmp_path_factory.mktemp("tiny_model"))
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny_model"), num_layers=3)
 
 
 def accuracy(tmp_path, model, stage, extra):

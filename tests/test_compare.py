@@ -13,12 +13,11 @@ from PIL import Image
 from scipy.stats import binom
 from sklearn.metrics import f1_score
 
-import agnews
 import analyze
 import common
 import compare
 import learning_curves
-import runfolders
+from plumbing import agnews, runfolders
 from conftest import needs_rows
 
 
@@ -323,7 +322,44 @@ def test_the_cases_columns_are_each_runs_own_cases_probs(tmp_path):
             cells["today's news - baseline [95% CI]"]) == ("-", "-", "-")
 
 
-def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path, capsys):
+CURVE_LABELS = np.arange(400) % common.NUM_CLASSES   # (N,) the test rows of every made-up study
+
+
+@pytest.fixture
+def curve_labels(monkeypatch):
+    """The made-up studies' test labels, where the learning curve would load AG News rows."""
+    monkeypatch.setattr(runfolders, "load_scored_split", lambda run, name, data_dir=None:
+                        agnews.Split([""] * len(CURVE_LABELS), CURVE_LABELS))
+
+
+def right_on(shares):
+    """(R, N) predictions, seed k right on a share shares[k] of CURVE_LABELS (its own rows: each
+    seed starts at another row) and one class off on the rest."""
+    n = len(CURVE_LABELS)
+    right = [np.roll(np.arange(n) < round(share * n), 37 * k) for k, share in enumerate(shares)]
+    return np.where(right, CURVE_LABELS, (CURVE_LABELS + 1) % common.NUM_CLASSES)
+
+
+def made_up_study(folder, rows, preds_of, seeds_of=None):
+    """A study folder of finished runs trained on `rows` rows, {experiment: (R, N) test
+    predictions}: per seed a config.json, a metrics.json (the macro F1 of those predictions) and
+    test_probs.npy (their one-hot), all the learning curve reads. Seeds 0..R-1 unless seeds_of
+    names them."""
+    for k, (name, preds) in enumerate(preds_of.items()):
+        for seed, p in zip((seeds_of or {}).get(name, range(len(preds))), preds):
+            run = folder / name / f"seed{seed}"
+            common.save_json(run / "config.json", {"script": "train_bert", "args": {
+                "seed": seed, "train_size": rows, "lr": k}})   # lr: one experiment each
+            common.save_json(run / "metrics.json", {
+                "rows": {"train": rows, "val": 10, "test": len(CURVE_LABELS)},
+                "fingerprints": {"val": "v", "test": "t"},
+                "test": {"macro_f1": compare.macro_f1(CURVE_LABELS, p)}})
+            common.save_npy(run / "test_probs.npy", np.eye(common.NUM_CLASSES, dtype=np.float32)[p])
+    return folder
+
+
+def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path, capsys,
+                                                                     curve_labels):
     """Two study folders, the same two experiments at 2,000 and 24,175 rows: each experiment
     becomes one line with a point per size, mean and seeds as its runs' metrics say; the PNG is
     written."""
@@ -340,8 +376,10 @@ def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path, ca
                              {"rows": {"train": rows, "val": 10, "test": 20},
                               "fingerprints": {"val": "v", "test": "t"},
                               "test": {"macro_f1": score}})
+            common.save_npy(run / "test_probs.npy", np.eye(common.NUM_CLASSES)[CURVE_LABELS])
     small, large = str(tmp_path / "small"), str(tmp_path / "large")
-    curves = learning_curves.learning_curve([tmp_path / "small", tmp_path / "large"])
+    curves = learning_curves.learning_curve(
+        gather_studies([tmp_path / "small", tmp_path / "large"]))
     assert curves == {"bert_pooler": {small: (2000, f1["small", "bert_pooler"]),
                                       large: (24175, f1["large", "bert_pooler"])},
                       "lstm": {small: (2000, f1["small", "lstm"]),
@@ -349,13 +387,122 @@ def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path, ca
     # the table has a column per folder in the order given, "-" where an experiment is missing
     for run in (tmp_path / "large" / "lstm").iterdir():
         (run / "metrics.json").unlink()
-    path = learning_curves.show_learning_curve([tmp_path / "large", tmp_path / "small"], tmp_path)
+    path, _ = learning_curves.show_learning_curve([tmp_path / "large", tmp_path / "small"],
+                                                  tmp_path)
     assert Image.open(path).size[0] > 500
     table = capsys.readouterr().out
     lstm_row = next(line for line in table.splitlines() if line.startswith("| lstm |"))
     assert lstm_row.split(" | ")[1] == "-" and "2,000 rows" in lstm_row.split(" | ")[2]
     pooler_row = next(line for line in table.splitlines() if line.startswith("| bert_pooler |"))
     assert "24,175 rows" in pooler_row.split(" | ")[1]
+
+
+def gather_studies(paths):
+    """{study folder: [compare.Experiment]}, as show_learning_curve gathers them."""
+    return {str(path): compare.gather_experiments([path]) for path in paths}
+
+
+def flipping_studies(root):
+    """lora is 10 points better than bert_pooler at 2,000 rows and 10 points worse at 24,175, in
+    all three seeds (paired); steady is 10 points better at both sizes."""
+    low, high = right_on([0.80, 0.81, 0.79]), right_on([0.90, 0.91, 0.89])
+    return [made_up_study(root / "small", 2000, {"bert_pooler": low, "lora": high,
+                                                 "steady": high}),
+            made_up_study(root / "large", 24175, {"bert_pooler": high, "lora": low,
+                                                  "steady": right_on([1.0, 1.0, 1.0])})]
+
+
+def test_a_verdict_that_flips_between_sizes_is_reported(tmp_path, capsys, curve_labels):
+    """Clearly better at one size, clearly worse at the next: the printed table gives each size's
+    interval and verdict and names the change; an experiment better at both sizes has none."""
+    studies = flipping_studies(tmp_path)
+    learning_curves.show_learning_curve(studies, tmp_path)
+    printed = capsys.readouterr().out.splitlines()
+    lora = next(line for line in printed if line.startswith("| lora |") and "[" in line)
+    assert lora.endswith("| better at 2,000 rows -> worse at 24,175 rows |")
+    assert " better | " in lora and " worse | " in lora
+    steady = next(line for line in printed if line.startswith("| steady |") and "[" in line)
+    assert steady.count(" better") == 2 and steady.endswith("| no |")
+    gathered = gather_studies(studies)
+    curves = learning_curves.learning_curve(gathered)
+    gaps = learning_curves.gaps_to_baseline(gathered)
+    assert learning_curves.changed_conclusions(curves, gaps) == {
+        "lora": ["better at 2,000 rows -> worse at 24,175 rows"]}
+
+
+def test_means_that_cross_0_inside_the_noise_are_no_changed_conclusion(tmp_path, capsys,
+                                                                        curve_labels):
+    """noisy is bert_pooler's three (very different) seeds with 2 errors fixed at 2,000 rows and 2
+    made at 24,175, trained on other seeds (so drawn unpaired): its mean crosses 0 (+0.5 -> -0.5
+    points), but both intervals hold 0, so no conclusion changed."""
+    base = right_on([0.70, 0.80, 0.90])
+    better, worse = base.copy(), base.copy()
+    for k in range(3):
+        wrong = np.flatnonzero(base[k] != CURVE_LABELS)[:2]
+        right = np.flatnonzero(base[k] == CURVE_LABELS)[:2]
+        better[k, wrong] = CURVE_LABELS[wrong]
+        worse[k, right] = (CURVE_LABELS[right] + 1) % common.NUM_CLASSES
+    seeds = {"noisy": [3, 4, 5]}
+    studies = [made_up_study(tmp_path / "small", 2000, {"bert_pooler": base, "noisy": better},
+                             seeds),
+               made_up_study(tmp_path / "large", 24175, {"bert_pooler": base, "noisy": worse},
+                             seeds)]
+    learning_curves.show_learning_curve(studies, tmp_path)
+    noisy = next(line for line in capsys.readouterr().out.splitlines()
+                 if line.startswith("| noisy |") and "[" in line)
+    assert noisy.count("inside the noise") == 2 and noisy.endswith("| no |")
+    gathered = gather_studies(studies)
+    gaps = learning_curves.gaps_to_baseline(gathered)
+    (small, low_s, high_s), (large, low_l, high_l) = (gaps["noisy"][str(study)]
+                                                      for study in studies)
+    assert small > 0 > large                     # the means cross 0 ...
+    assert low_s < 0 < high_s and low_l < 0 < high_l     # ... inside the noise at both sizes
+    assert learning_curves.changed_conclusions(learning_curves.learning_curve(gathered), gaps) == {}
+
+
+def test_the_panel_draws_the_intervals_of_compare(tmp_path, curve_labels):
+    """Each point of the right panel, read back from what matplotlib drew, is the difference and
+    95% interval (in points) of compare.paired_bootstrap on the same predictions, and the one
+    --compare's table gives for that study folder."""
+    studies = flipping_studies(tmp_path)
+    _, drawn = learning_curves.show_learning_curve(studies, tmp_path)
+    for size, study in enumerate(studies):              # the points are in order of size
+        experiments = compare.gather_experiments([study])
+        table = {row["experiment"]: row["diff"] for row in
+                 compare.compare_experiments(experiments, CURVE_LABELS, "bert_pooler",
+                                             cases=agnews.Split([], np.zeros(0, int)))}
+        preds = {e.name: np.stack([p.argmax(1) for p in e.probs(len(CURVE_LABELS))])
+                 for e in experiments}                                           # name: (R, N)
+        for name in ("lora", "steady"):
+            bootstrap = compare.paired_bootstrap(preds[name], preds["bert_pooler"], CURVE_LABELS,
+                                                 paired_seeds=True)
+            _, diff, low, high = drawn["lines"][name]
+            drawn_point = [diff[size], low[size], high[size]]
+            assert drawn_point == pytest.approx([100 * end for end in bootstrap])
+            assert table[name] == pytest.approx(bootstrap)
+            assert low[size] < high[size]                   # an interval, not a bare mean
+
+
+def test_a_line_far_off_the_scale_is_drawn_and_said(tmp_path, capsys, curve_labels):
+    """An LSTM 20 points below the baseline at 2,000 rows is not dropped: its line is drawn with
+    its interval, beyond the panel's scale (which stays fitted to the near lines), where a text
+    gives its value; a line is printed that says so."""
+    studies = [made_up_study(tmp_path / "small", 2000, {
+                   "bert_pooler": right_on([0.85] * 3), "bert_fc": right_on([0.87] * 3),
+                   "lstm": right_on([0.65, 0.66, 0.64])}),
+               made_up_study(tmp_path / "large", 24175, {
+                   "bert_pooler": right_on([0.90] * 3), "bert_fc": right_on([0.91] * 3),
+                   "lstm": right_on([0.88, 0.89, 0.87])})]
+    _, drawn = learning_curves.show_learning_curve(studies, tmp_path)
+    bottom, top = drawn["ylim"]
+    _, diff, low, high = drawn["lines"]["lstm"]
+    assert diff[0] < -15 and high[0] < bottom          # drawn, off the scale
+    assert top - bottom < 10                           # the near lines keep their scale
+    assert bottom < drawn["lines"]["bert_fc"][2].min()
+    [off] = drawn["off_scale"]
+    assert off.startswith(f"lstm at 2,000 rows: {diff[0]:+.1f} [")
+    assert any(text.startswith(f"lstm {diff[0]:+.1f} [") for text in drawn["texts"])
+    assert f"drawn at its edge with its value: {off}" in capsys.readouterr().out
 
 
 def test_the_epochs_curve_has_a_point_per_length_and_both_splits(tmp_path, capsys):

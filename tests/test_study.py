@@ -7,12 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
-import bert
 import common
 from plumbing import agnews, runfolders
-from conftest import AGNEWS_DIR, needs_rows, save_bert_folder
+from conftest import AGNEWS_DIR, needs_rows, tiny_bert_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {"bert_pooler", "bert_fc", "bert_lstm", "bert_textcnn", "bert_mlp_res",
@@ -26,10 +24,7 @@ TINY = "--train-size 64 --val-size 120 --test-size 120 --max-len 32 --batch-size
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A 1-layer BERT of hidden size 32 with MiniLM's vocabulary, as a --model folder."""
-    torch.manual_seed(0)
-    config = bert.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, intermediate_size=64)
-    return save_bert_folder(bert.BertModel(config), tmp_path_factory.mktemp("tiny_model"))
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny_model"), num_layers=1)
 
 
 def study(tmp_path, model, extra=TINY, preset="quick"):

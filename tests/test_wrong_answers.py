@@ -19,7 +19,8 @@ import train_lora
 import train_lstm
 import vote
 from plumbing import runfolders
-from conftest import AGNEWS_DIR, TINY_LSTM_ARGS, Killed, needs_rows, single_thread
+from conftest import (AGNEWS_DIR, TINY_LSTM_ARGS, Killed, needs_rows, single_thread,
+                      tiny_bert_folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,17 +223,13 @@ def test_a_killed_exports_temp_folder_is_cleaned_up_by_the_next(tmp_path):
 # 6. The same text, the same numbers
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_bert_folder(tmp_path_factory):
-    from conftest import save_bert_folder
-    torch.manual_seed(0)
-    config = bert.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                             num_attention_heads=2, intermediate_size=64)
-    return save_bert_folder(bert.BertModel(config), tmp_path_factory.mktemp("tiny_bert"))
+def tiny_bert(tmp_path_factory):
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert"), num_layers=2)
 
 
 @needs_rows
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_a_runs_saved_probabilities_are_what_its_readers_compute(tiny_bert_folder, tmp_path,
+def test_a_runs_saved_probabilities_are_what_its_readers_compute(tiny_bert, tmp_path,
                                                                  precision):
     """A LoRA run trains with its update unmerged and its frozen weights in bf16; every reader
     rebuilds it merged. Its saved test probabilities must equal the reloaded model's on the same
@@ -240,7 +237,7 @@ def test_a_runs_saved_probabilities_are_what_its_readers_compute(tiny_bert_folde
     near the boundary flipped (354 vs 355 of 400)."""
     out = tmp_path / "lora"
     with single_thread():
-        train_lora.main(["--model", str(tiny_bert_folder), "--r", "4", "--train-size", "160",
+        train_lora.main(["--model", str(tiny_bert), "--r", "4", "--train-size", "160",
                          "--val-size", "40", "--test-size", "80", "--epochs", "1",
                          "--max-len", "32", "--lr", "5e-3", "--device", "cpu", "--precision",
                          precision, "--data", str(AGNEWS_DIR), "--out", str(out)])
