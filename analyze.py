@@ -98,8 +98,9 @@ class SavedRun:
     """A finished run folder. The test split, the saved probabilities and the model load on first
     use, so --curves needs no data and --confusion no model."""
 
-    def __init__(self, run_dir, data_dir=None, device="auto"):
+    def __init__(self, run_dir, data_dir=None, device="auto", int8=False):
         self.dir = Path(run_dir)
+        self.int8 = int8
         runfolders.check_finished(self.dir)   # the rule every reader follows
         self.config = common.load_json(self.dir / "config.json")
         self.metrics = common.load_json(self.dir / "metrics.json")
@@ -133,7 +134,7 @@ class SavedRun:
 
     @cached_property
     def model_and_tokenizer(self):
-        model, tokenizer, _ = runfolders.load_run(self.dir, self.runtime.device)
+        model, tokenizer, _ = runfolders.load_run(self.dir, self.runtime.device, self.int8)
         return model, tokenizer
 
     @property
@@ -409,6 +410,10 @@ def build_parser():
                              "bootstrap")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = cuda when a GPU is visible")
+    parser.add_argument("--int8", action="store_true",
+                        help="wherever the run's model scores texts (maps, explanations) and "
+                             "with --score-cases (printed beside the saved float scores, nothing "
+                             "written): its BERT encoder in int8 (quantize.py)")
     return parser
 
 
@@ -417,7 +422,7 @@ def main(argv=None):
     if (args.compare is not None or args.learning_curve or args.epochs_curve
             or args.score_cases):  # many runs
         if args.score_cases:
-            vote.score_todays_news(args.score_cases, args.device)
+            vote.score_todays_news(args.score_cases, args.device, args.int8)
         if args.compare is not None:
             compare.show_compare(args.compare or ["runs"], args.out or "runs", args.baseline,
                                  args.data, args.seed, args.compare_on)
@@ -431,12 +436,17 @@ def main(argv=None):
     if not any(getattr(args, action) for action in ACTIONS):
         raise common.UserError("nothing to do: pass one or more of --compare, "
                                + ", ".join(f"--{a}" for a in ACTIONS))
+    if args.int8 and (args.attribution or args.shap):
+        raise common.UserError("--int8 with --attribution or --shap: integrated gradients follow "
+                               "the model's gradient, and int8 rounding has none")
     run_dir = args.run
     if run_dir is None:
         run_dir = newest_run()
         print(newest_run_note(run_dir))
-    run = SavedRun(run_dir, args.data, args.device)
-    out_dir = Path(args.out) if args.out else run.dir / "analysis"
+    run = SavedRun(run_dir, args.data, args.device, args.int8)
+    # int8 figures beside, never over, the float ones
+    default_dir = run.dir / ("analysis-int8" if args.int8 else "analysis")
+    out_dir = Path(args.out) if args.out else default_dir
     print(f"analysing {run.dir} ({run.config.get('script')}); figures go to {out_dir}/")
     # A typed text longer than the run's max_len is cut (common.encode): say how much is dropped.
     if args.text and (args.attribution or args.shap):

@@ -11,7 +11,7 @@ weights drop straight in; tests/test_bert.py finds our outputs equal to transfor
 mean, MiniLM's own pooling) and BertClassifier = encoder + head.
 Plain torch: nn.Dropout and torch's fused attention (SDPA). Lesson 4, dropout.py, swaps in a
 cheaper dropout mask for CPU training; lesson 13, fused_kernels/attn_pool.py, adds a head with a
-Triton kernel. Which folder a --model name means, and the flags: plumbing/classifiers.py.
+Triton kernel. The flags and the model a run's config describes: plumbing/classifiers.py.
 
 Lessons 1 and 2 of README's reading path: read this first; next: plain_loop.py, which trains it.
 """

@@ -81,11 +81,11 @@ def sampled_orders(n_words):
 class Lab:
     """The runs, loaded once, and the questions the page asks of them."""
 
-    def __init__(self, runs, device, weights=None, data=None, cases=None):
+    def __init__(self, runs, device, weights=None, data=None, cases=None, int8=False):
         self.runtime = common.setup_runtime(device)
         self.runs = runs
         self.names = vote.display_names(runs)
-        self.members = vote.load_members(runs, self.runtime.device)
+        self.members = vote.load_members(runs, self.runtime.device, int8)
         args = argparse.Namespace(weights=weights, data=data)
         self.weights, self.weights_from = vote.choose_weights(args, runs)
         self.cases = agnews.read_cases(cases) if cases else []
@@ -391,7 +391,7 @@ def main(argv=None):
     try:
         print(f"loading {len(runs)} run{'s' if len(runs) != 1 else ''}: "
               f"{', '.join(map(str, runs))}", flush=True)
-        Handler.lab = Lab(runs, args.device, args.weights, args.data, args.file)
+        Handler.lab = Lab(runs, args.device, args.weights, args.data, args.file, args.int8)
         if warning := exposure_warning(host, port):
             print(warning, flush=True)
         print(f"serving http://{host}:{port}/  (Ctrl-C stops)", flush=True)

@@ -310,14 +310,19 @@ def is_vote_folder(folder):
     return bool(seeds) and all(is_vote_folder(run) for run in seeds)
 
 
-def score_todays_news(paths, device="auto"):
+def score_todays_news(paths, device="auto", int8=False):
     """Score today's news (cases/news_2020s.csv) for every finished run under `paths` that has not
     been scored on this version of it: runs made before cases/ existed, or on an earlier version.
     Trained runs are loaded and scored; votes are voted again from their members' new scores with
-    their own weights. metrics.json keeps its time, so --compare's order of runs is unchanged."""
+    their own weights. metrics.json keeps its time, so --compare's order of runs is unchanged.
+    With int8, every trained run is scored with its encoder in int8 beside its saved float scores,
+    and nothing is written: a run's saved scores stay those of the model it trained."""
     cases = agnews.load_cases()
     runtime = common.setup_runtime(device)
     runs = sorted({run for path in paths for run in runfolders.find_runs(path)})
+    if int8:
+        todays_news_in_int8([run for run in runs if not is_vote_folder(run)], cases, runtime)
+        return
     todo = [run for run in runs if runfolders.load_cases_probs(run, cases) is None]
     votes = [run for run in todo if common.load_json(run / "config.json").get("script") == "vote"]
     for run in [run for run in todo if run not in votes] + votes:  # members before their votes
@@ -344,14 +349,35 @@ def score_todays_news(paths, device="auto"):
     print(f"today's news: {len(todo)} of {len(runs)} runs scored now, the others had it")
 
 
+def todays_news_in_int8(runs, cases, runtime):
+    """Each run's today's-news scores with its encoder in int8 (--int8), beside its saved float
+    ones where it has them; printed, never written."""
+    for run in runs:
+        model, tokenizer, config = runfolders.load_run(run, runtime.device, int8=True)
+        probs = common.predict_texts(model, tokenizer, config["args"]["max_len"], cases.texts,
+                                     runtime, desc=f"today's news in int8, {run}")
+        scores = common.evaluate(probs, cases.labels)
+        line = (f"{run}: today's news in int8: macro F1 {scores['macro_f1']:.4f}, accuracy "
+                f"{scores['accuracy']:.4f}")
+        saved = runfolders.load_cases_probs(run, cases)
+        if saved is not None:
+            float_scores = common.evaluate(saved, cases.labels)
+            same = float(np.mean(saved.argmax(1) == probs.argmax(1)))
+            line += (f"; saved (float): {float_scores['macro_f1']:.4f}, "
+                     f"{float_scores['accuracy']:.4f}; the same class on {same:.1%}")
+        print(line)
+    print("--int8: nothing written; each run's saved scores stay its float ones")
+
+
 # --------------------------------------------------------------------------------------------------
 # Your own texts
 # --------------------------------------------------------------------------------------------------
-def load_members(runs, device):
-    """Each run's (run, model, tokenizer, max_len), loaded once (serve.py keeps them loaded)."""
+def load_members(runs, device, int8=False):
+    """Each run's (run, model, tokenizer, max_len), loaded once (serve.py keeps them loaded);
+    int8: each BERT encoder in int8 (quantize.py)."""
     members = []
     for run in runs:
-        model, tokenizer, config = runfolders.load_run(run, device)
+        model, tokenizer, config = runfolders.load_run(run, device, int8)
         members.append((run, model, tokenizer, config["args"]["max_len"]))
     return members
 
@@ -390,7 +416,7 @@ def vote_on_texts(args, runs):
     if len(runs) == 1:
         print(f"one run ({runs[0]}): its verdicts alone; a vote needs two or more")
     runtime = common.setup_runtime(args.device)
-    member_probs = classify(load_members(runs, runtime.device), texts, runtime)
+    member_probs = classify(load_members(runs, runtime.device, args.int8), texts, runtime)
     ensemble = ensemble_probs(member_probs, weights)
 
     names = display_names(runs) + ["ensemble"]
@@ -426,6 +452,9 @@ def add_member_args(parser):
                                           "(normalised to sum 1; default: fitted on validation)")
     parser.add_argument("--data", help="AG News folder for the labels (default: the one the first "
                                        "run used)")
+    parser.add_argument("--int8", action="store_true",
+                        help="score texts with each BERT encoder's Linear layers in int8 "
+                             "(quantize.py; a CPU only; not yet faster than bf16: RESULTS.md)")
 
 
 def build_parser():
@@ -449,6 +478,9 @@ def main(argv=None):
 
     if args.out:  # before any work: an existing vote is replaced only with --force
         runfolders.check_replaceable(Path(args.out), args.force, is_vote_folder, "a vote")
+    if args.int8 and not (args.text or args.file):
+        raise common.UserError("--int8 scores texts (--text, --file); the test vote combines the "
+                               "runs' saved probabilities and scores nothing")
     groups = find_members(args)
     for runs in groups.values():
         note_copies(runs)

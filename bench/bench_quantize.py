@@ -1,15 +1,16 @@
-"""Scoring rows/s of one MiniLM classifier four ways on the same rows, in one run: fp32, bf16
-autocast (the default on a CPU with bf16), quantize.py's int8 encoder (the rest in bf16 autocast),
-and torch's own dynamic int8 (torch.ao.quantization.quantize_dynamic on the same Linear layers,
-the rest in fp32: its layers take fp32 input). Also each one's agreement with fp32 (the same
-predicted class) and the largest probability gap.
+"""Scoring rows/s of one MiniLM classifier five ways on the same rows, in one run: fp32, bf16
+autocast (the default on a CPU with bf16), quantize.py's int8 encoder with each integer product
+(torch._int_mm; oneDNN's quantized linear), the rest in bf16 autocast, and torch's own dynamic int8
+(torch.ao.quantization.quantize_dynamic on the same Linear layers, the rest in fp32: its layers
+take fp32 input). Also each one's agreement with fp32 (the same predicted class) and the largest
+probability gap.
 
     python bench/bench_quantize.py                     # 1,024 test rows, pretrained MiniLM
     python bench/bench_quantize.py --rows 256 --rounds 1
 
 The rows are the official test set's first --rows, scored as finish_run scores them (batches of
 128 by length); the head is random (the ratios depend on shapes, not on training). Rounds
-alternate the order of the four; the median of each is reported. Prints the CPU and whether it has
+alternate the order of the ways; the median of each is reported. Prints the CPU and whether it has
 AVX512-VNNI and AMX-INT8, the instructions int8 products run on.
 """
 import argparse
@@ -56,12 +57,11 @@ def torch_dynamic_int8(model):
 def build(way, model_dir, head_state):
     model = bert.BertClassifier(bert.BertModel.from_pretrained(model_dir), "pooler").eval()
     model.classifier.load_state_dict(head_state)
-    if way == "ours int8":
-        quantize.quantize_encoder(model)
+    if way.startswith("ours int8"):
+        quantize.quantize_encoder(model, product=way.split()[-1].strip("()"))
     elif way == "torch dynamic int8":
         torch_dynamic_int8(model)
-    precision = {"fp32": "fp32", "bf16": "bf16", "ours int8": "bf16",
-                 "torch dynamic int8": "fp32"}[way]
+    precision = "fp32" if way in ("fp32", "torch dynamic int8") else "bf16"
     return model, common.setup_runtime("cpu", precision)
 
 
@@ -83,7 +83,8 @@ def main():
     head = nn.Linear(384, common.NUM_CLASSES)
     with torch.no_grad():
         head.weight.mul_(100)  # confident probabilities, as a trained head gives
-    ways = ["fp32", "bf16", "ours int8", "torch dynamic int8"]
+    ways = ["fp32", "bf16", "ours int8 (int_mm)",
+            *(["ours int8 (onednn)"] if quantize.onednn_available() else []), "torch dynamic int8"]
     built = {way: build(way, model_dir, head.state_dict()) for way in ways}
     print(f"CPU: {cpu_description()}")
     print(f"rows: {len(texts)} of the official test set, batches of 128 by length, max 128 tokens; "

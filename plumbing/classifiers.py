@@ -1,20 +1,23 @@
-"""Which model a --model names, the flags of the BERT scripts, and the classifier a run's config
-describes: plumbing for train_bert.py, train_lora.py and everything that reloads their runs."""
+"""The flags of the BERT scripts and the classifier a run's config describes (which folder --model
+names is common.resolve_model): plumbing for train_bert.py, train_lora.py and everything that
+reloads their runs."""
 from pathlib import Path
 
 import bert
 import common
 import dropout as cheap_dropout
-from fused_kernels import attn_pool
 from plumbing import flags
 
 # Every head a run may name: bert.py's, and lesson 13's attention pooling with its fused kernel.
-HEAD_NAMES = [*bert.HEAD_NAMES, attn_pool.AttnPoolHead.name]
+ATTNPOOL = "attnpool"
+HEAD_NAMES = [*bert.HEAD_NAMES, ATTNPOOL]
 
 
 def bert_classifier(encoder, head="pooler", dropout=0.1, penalty_table=None, penalty=0.0):
-    """bert.BertClassifier with any head of HEAD_NAMES; attnpool takes the penalty table."""
-    if head == attn_pool.AttnPoolHead.name:
+    """bert.BertClassifier with any head of HEAD_NAMES; attnpool takes the penalty table. Triton
+    is imported only for attnpool (it is installed on Linux only)."""
+    if head == ATTNPOOL:
+        from fused_kernels import attn_pool
         head = attn_pool.AttnPoolHead(encoder.config.hidden_size, penalty_table, penalty)
     return bert.BertClassifier(encoder, head, dropout)
 
@@ -60,6 +63,7 @@ def build_bert_classifier(config, pretrained=True, run_dir=None):
             raise common.UserError(f"--penalty-words goes with --head attnpool, "
                                    f"not --head {config['head']}")
         try:
+            from fused_kernels import attn_pool
             table = attn_pool.load_penalty_table(penalty_words, tokenizer, cfg.vocab_size)
         except ValueError as err:
             raise common.UserError(str(err)) from None

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+import bert
 import common
 from plumbing import agnews
 
@@ -166,14 +167,32 @@ def experiment_folder(run):
     return run.parent if SEED_FOLDER.fullmatch(run.name) else run
 
 
-def load_run(run_dir, device="cpu"):
+def load_run(run_dir, device="cpu", int8=False):
     """Rebuild any saved run: config.json names the script that trained it, and that script's
-    `load_model(config, run_dir)` returns (model, tokenizer) with the trained weights in place."""
+    `load_model(config, run_dir)` returns (model, tokenizer) with the trained weights in place.
+    int8 (--int8): a BERT run's encoder scores with int8 Linear layers (quantize.py)."""
     run_dir = Path(run_dir)
     check_finished(run_dir)
     config = common.load_json(run_dir / "config.json")
     model, tokenizer = rebuild_model(config, run_dir)
-    return model.to(device).eval(), tokenizer, config
+    model = model.to(device).eval()
+    if int8:
+        model = in_int8(model, run_dir)
+    return model, tokenizer, config
+
+
+def in_int8(model, run_dir):
+    """The model with its BERT encoder's Linear layers in int8 (quantize.quantize_encoder, lesson
+    21); a run without a BERT encoder (an LSTM) stays in float, and one line says so. CPU only:
+    the int8 products here are oneDNN's and torch._int_mm's CPU kernels."""
+    import quantize  # here, not above: the lessons that read run folders do not need lesson 21
+    if next(model.parameters()).device.type != "cpu":
+        raise common.UserError("--int8 scores on a CPU (its int8 units); on a GPU, score in bf16 "
+                               "(leave out --int8) or pass --device cpu")
+    if not isinstance(model, bert.BertClassifier):
+        print(f"--int8: {run_dir} has no BERT encoder; it scores in float")
+        return model
+    return quantize.quantize_encoder(model)[0]
 
 
 def rebuild_model(config, run_dir):

@@ -8,10 +8,15 @@ import pytest
 import torch
 import torch.nn as nn
 
+import analyze
 import bert
 import common
 import quantize
-from plumbing import agnews
+import train_bert
+import train_lstm
+import vote
+from conftest import AGNEWS_DIR, NO_ROWS, needs_rows, single_thread, tiny_bert_folder
+from plumbing import agnews, runfolders
 
 
 def fresh_seed():
@@ -34,29 +39,35 @@ def test_rounding_stays_within_half_a_step_of_each_rows_range(rows, cols):
     assert (q[1:].abs().amax(dim=1) == quantize.QMAX).all(), seed
 
 
+PRODUCTS = ["int_mm", *(["onednn"] if quantize.onednn_available() else [])]
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
 @pytest.mark.parametrize("shape, bias", [((4, 384), True), ((2, 9, 384), True), ((3, 1536), False)])
-def test_the_int8_layer_equals_the_float_maths_on_the_rounded_values(shape, bias):
+def test_the_int8_layer_equals_the_float_maths_on_the_rounded_values(shape, bias, product):
     """The reference: the same rounding, the product in float64 (fake quantization). The only
-    difference left is the float32 rescaling of an exact integer sum."""
+    difference left is the float32 rescaling of an exact integer sum. Both integer products."""
     seed = fresh_seed()
     linear = nn.Linear(shape[-1], 256, bias=bias)
-    layer = quantize.Int8Linear(linear)
+    layer = quantize.Int8Linear(linear, product)
+    assert layer.product == product
     x = torch.randn(shape) * 3
     got = layer(x)
     assert got.shape == (*shape[:-1], 256) and got.dtype == torch.float32
-    want = quantize.linear_fake_quant(x.reshape(-1, shape[-1]), layer.weight_t.T,
+    want = quantize.linear_fake_quant(x.reshape(-1, shape[-1]), layer.weight_q,
                                       layer.weight_scale, linear.bias).reshape(got.shape)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
 
 
-def test_a_wrong_scale_is_caught_by_the_reference():
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_a_wrong_scale_is_caught_by_the_reference(product):
     """The test above can fail: a layer whose weight scales are one step off (127 -> 128, an easy
     slip) differs from the reference far beyond its tolerance."""
     seed = fresh_seed()
     linear = nn.Linear(384, 64)
-    layer = quantize.Int8Linear(linear)
+    layer = quantize.Int8Linear(linear, product)
     x = torch.randn(8, 384)
-    want = quantize.linear_fake_quant(x, layer.weight_t.T, layer.weight_scale, linear.bias)
+    want = quantize.linear_fake_quant(x, layer.weight_q, layer.weight_scale, linear.bias)
     layer.weight_scale *= 127 / 128
     with pytest.raises(AssertionError):
         torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5,
@@ -104,3 +115,59 @@ def test_a_quantized_minilm_keeps_its_sentence_vectors(minilm):
     cosine = nn.functional.cosine_similarity(float_vectors, int8_vectors, dim=1)
     print(f"cosine: min {cosine.min():.4f}, mean {cosine.mean():.4f}")
     assert cosine.min() > 0.99
+
+
+# --------------------------------------------------------------------------------------------------
+# --int8 where runs are scored: vote.py, serve.py (vote.load_members), analyze.py
+# --------------------------------------------------------------------------------------------------
+def test_in_int8_swaps_a_berts_encoder_and_leaves_an_lstm_in_float(capsys):
+    cfg = bert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=64)
+    model = runfolders.in_int8(bert.BertClassifier(bert.BertModel(cfg), "fc").eval(), "runs/x")
+    assert sum(isinstance(m, quantize.Int8Linear) for m in model.modules()) == 6 * 2
+    assert isinstance(model.classifier, nn.Linear)
+    lstm = train_lstm.LSTMClassifier(vocab_size=50, embed_dim=8, hidden_size=8,
+                                     arch="bilstm_attn").eval()
+    assert runfolders.in_int8(lstm, "runs/lstm") is lstm
+    assert not any(isinstance(m, quantize.Int8Linear) for m in lstm.modules())
+    assert "runs/lstm has no BERT encoder; it scores in float" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_run(tmp_path_factory):
+    """A finished train_bert.py run of a 2-layer random BERT (MiniLM's vocabulary), 160 rows."""
+    if AGNEWS_DIR is None:
+        pytest.skip(NO_ROWS)
+    folder = tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert"), num_layers=2)
+    run_dir = tmp_path_factory.mktemp("runs") / "bert_fc"
+    with single_thread():
+        train_bert.main(["--model", str(folder), "--head", "fc", "--train-size", "160",
+                         "--val-size", "40", "--test-size", "80", "--epochs", "1",
+                         "--max-len", "32", "--lr", "1e-3", "--device", "cpu",
+                         "--data", str(AGNEWS_DIR), "--out", str(run_dir)])
+    return run_dir
+
+
+@needs_rows
+def test_int8_scores_texts_and_todays_news_and_writes_nothing(tiny_bert_run, capsys):
+    """vote.py --text --int8 gives a verdict per text; analyze.py --score-cases --int8 prints the
+    int8 scores beside the saved float ones and leaves the run folder byte for byte as it was."""
+    before = {p.name: p.read_bytes() for p in tiny_bert_run.iterdir() if p.is_file()}
+    vote.main(["--runs", str(tiny_bert_run), "--text", "Stocks fell as oil prices rose",
+               "--int8", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "Stocks fell" in out
+    analyze.main(["--score-cases", str(tiny_bert_run), "--int8", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "today's news in int8: macro F1" in out and "saved (float):" in out
+    assert "nothing written" in out
+    after = {p.name: p.read_bytes() for p in tiny_bert_run.iterdir() if p.is_file()}
+    assert after == before
+
+
+@needs_rows
+def test_int8_where_it_cannot_apply_is_one_line(tiny_bert_run):
+    with pytest.raises(common.UserError, match="--int8 scores texts"):
+        vote.main(["--runs", str(tiny_bert_run), "--int8"])
+    with pytest.raises(common.UserError, match="integrated gradients"):
+        analyze.main(["--run", str(tiny_bert_run), "--attribution", "--int8"])
