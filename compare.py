@@ -127,6 +127,12 @@ def bootstrap_f1(preds, labels, weights):
     return macro_f1_from_counts(counts.reshape(*counts.shape[:2], k, k))
 
 
+def seeds_paired(seeds_a, seeds_b):
+    """Whether two experiments' seeds pair up (paired_bootstrap's paired_seeds): both ran the same
+    seeds, more than one."""
+    return len(seeds_a) > 1 and seeds_a == seeds_b
+
+
 def paired_bootstrap(preds_a, preds_b, labels, samples=BOOTSTRAP_SAMPLES, seed=0,
                      paired_seeds=False):
     """95% interval of mean macro F1 of A minus that of B. preds_a (Ra, N), preds_b (Rb, N): the
@@ -304,7 +310,7 @@ def compare_experiments(experiments, labels, baseline_name=None, seed=0, cases=N
             row["diff"], row["p"], row["cases_diff"] = None, None, None
             continue
         seeds = experiment_of[row["experiment"]].seeds
-        paired = len(seeds) > 1 and seeds == baseline.seeds
+        paired = seeds_paired(seeds, baseline.seeds)
         row["seeds_paired"] = paired
         row["diff"] = paired_bootstrap(row["preds"], base["preds"], labels, seed=seed,
                                        paired_seeds=paired)

@@ -79,7 +79,7 @@ def gaps_to_baseline(studies, baseline="bert_pooler", data_dir=None, seed=0):
             if experiment is base:
                 continue
             preds = np.stack([p.argmax(1) for p in experiment.probs(len(labels))])     # (R', N)
-            paired = len(experiment.seeds) > 1 and experiment.seeds == base.seeds  # as --compare
+            paired = compare.seeds_paired(experiment.seeds, base.seeds)  # as --compare
             gaps.setdefault(experiment.name, {})[study] = compare.paired_bootstrap(
                 preds, base_preds, labels, seed=seed, paired_seeds=paired)
     return gaps

@@ -147,8 +147,9 @@ def soft_targets(split, rows, device):
 
 
 def make_optimizer(model, lr, weight_decay, llrd=1.0):
-    """plain_loop.make_optimizer's AdamW (decay on matrices only, fused), with, for llrd < 1, each
-    encoder layer at its own rate (fewsample.lr_groups). Fused measured on this project's 2-core
+    """The AdamW of plain_loop.make_optimizer (decay on matrices only, fused; tests/test_loop.py
+    finds train() with llrd 1 equal to train_plain), built from fewsample.lr_groups so that, for
+    llrd < 1, each encoder layer learns at its own rate. Fused measured on this project's 2-core
     EPYC (bench/step_breakdown.py): the optimizer's share of a MiniLM step 20% -> 8%."""
     groups = fewsample.lr_groups(model, lr, weight_decay, llrd)
     fused = next(model.parameters()).device.type in ("cuda", "cpu")  # where torch has the kernel
