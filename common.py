@@ -71,6 +71,7 @@ def run_main(main):
     so does a disk that refuses a write the helpers below did not make (a run folder's mkdir)."""
     try:
         main()
+        leave_process_group()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -365,6 +366,16 @@ def join_process_group(backend):
     Returns a second group, gloo on the CPU, for the training loop's own small messages."""
     torch.distributed.init_process_group(backend)
     return torch.distributed.new_group(backend="gloo")
+
+
+def leave_process_group():
+    """Under torchrun, destroy the process groups once the work is done. Left to the interpreter's
+    exit, gloo's worker threads can outlive it and abort the process (SIGABRT, "terminate called
+    without an active exception") after a run that finished well. Only on success: a rank that
+    failed must not wait here for ranks still inside a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        join_process_group.cache_clear()
 
 
 def seed_everything(seed):

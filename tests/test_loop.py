@@ -476,7 +476,7 @@ def test_compiled_training_gives_the_eager_losses_and_weights(sample, tmp_path):
 # Run under torchrun by the test below: the tiny BERT, made-up rows, --grad-accum 2, and a DDP
 # communication hook that counts the backward passes whose gradients are all-reduced.
 NO_SYNC_CHILD = """
-import json, sys
+import json, os, sys
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
@@ -496,12 +496,16 @@ def wrapped(model, runtime, compile=False):
     return step_model
 loop.model_for_training = wrapped
 
-runtime = common.setup_runtime("cpu", "fp32")
-data = {"train": made_up_rows(160, seed=0), "val": made_up_rows(40, seed=1)}
-args = test_loop.loop_args(grad_accum=int(sys.argv[3]), epochs=1)
-loop.train(test_loop.tiny_classifier(), data, args, runtime, sys.argv[2])
-if runtime.is_main:
-    print(json.dumps({"synced": len(synced)}))
+def main():
+    runtime = common.setup_runtime("cpu", "fp32")
+    data = {"train": made_up_rows(160, seed=0), "val": made_up_rows(40, seed=1)}
+    args = test_loop.loop_args(grad_accum=int(sys.argv[3]), epochs=1)
+    loop.train(test_loop.tiny_classifier(), data, args, runtime, sys.argv[2])
+
+common.run_main(main)   # as every script: it leaves the process group once main() returns
+if os.environ["RANK"] == "0":
+    print(json.dumps({"synced": len(synced),
+                      "group_left": not torch.distributed.is_initialized()}))
 """
 
 
@@ -509,7 +513,8 @@ def test_gradient_accumulation_under_ddp_all_reduces_once_a_step(tmp_path):
     """Two processes, 160 made-up rows in batches of 16: each rank takes 5 batches an epoch. With
     --grad-accum 2 that is 3 optimizer steps (2 + 2 + 1 batches), and only the backward pass of
     each step's last batch may all-reduce: 3, not 5 (DDP's no_sync, loop.gradients_reduced). With
-    --grad-accum 1 every one of the 5 does. No AG News rows needed."""
+    --grad-accum 1 every one of the 5 does. No AG News rows needed. And common.run_main leaves the
+    process group once the work is done (common.leave_process_group)."""
     child = tmp_path / "child.py"
     child.write_text(NO_SYNC_CHILD)
     counts = {}
@@ -519,5 +524,8 @@ def test_gradient_accumulation_under_ddp_all_reduces_once_a_step(tmp_path):
                                str(tmp_path / f"run{accum}"), str(accum)],
                               capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
-        counts[accum] = json.loads(done.stdout.strip().splitlines()[-1])["synced"]
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        counts[accum] = report["synced"]
+        # left by run_main: exiting with gloo's threads alive can abort a finished run (SIGABRT)
+        assert report["group_left"]
     assert counts == {1: 5, 2: 3}, counts
