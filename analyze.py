@@ -361,9 +361,9 @@ def build_parser():
                         help="score today's news (cases/news_2020s.csv) for the finished runs "
                              "under these folders that lack it (trained before it, or on an "
                              "earlier version), votes included; then --compare has its columns")
-    parser.add_argument("--baseline", help="--compare: the experiment (folder name) the others "
-                                           "are measured against (default: the pooler head when "
-                                           "present)")
+    parser.add_argument("--baseline", help="--compare, --learning-curve: the experiment "
+                                           "(folder name) the others are measured against "
+                                           "(default: the pooler head, bert_pooler)")
     parser.add_argument("--report", action="store_true",
                         help="classification report and macro F1 on the test set")
     parser.add_argument("--confusion", action="store_true",
@@ -428,7 +428,8 @@ def main(argv=None):
                                  args.data, args.seed, args.compare_on)
         if args.learning_curve:
             learning_curves.show_learning_curve(args.learning_curve, args.out or "runs",
-                                                args.data, args.seed)
+                                                args.data, args.seed,
+                                                args.baseline or "bert_pooler")
         if args.epochs_curve:
             learning_curves.show_epochs_curve(args.epochs_curve, args.out or "runs")
         if not any(getattr(args, action) for action in ACTIONS):

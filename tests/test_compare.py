@@ -430,6 +430,23 @@ def test_a_verdict_that_flips_between_sizes_is_reported(tmp_path, capsys, curve_
         "lora": ["better at 2,000 rows -> worse at 24,175 rows"]}
 
 
+def test_the_learning_curve_measures_against_the_baseline_named(tmp_path, capsys, curve_labels):
+    """analyze.py --learning-curve --baseline steady: every gap is taken from steady, not from the
+    pooler head (the default): lora predicts as steady at 2,000 rows (a gap of exactly 0), the
+    pooler head is worse at both sizes."""
+    studies = flipping_studies(tmp_path)
+    analyze.main(["--learning-curve", *map(str, studies), "--baseline", "steady",
+                  "--out", str(tmp_path / "figures")])
+    printed = capsys.readouterr().out.splitlines()
+    assert "Minus steady (points)" in "\n".join(printed)
+    gap_rows = {line.split(" | ")[0]: line for line in printed
+                if line.startswith("| ") and "[" in line}
+    assert gap_rows.keys() == {"| bert_pooler", "| lora"}
+    assert gap_rows["| lora"].startswith("| lora | +0.00 [+0.00, +0.00] inside the noise | -")
+    assert gap_rows["| bert_pooler"].count(" worse | ") == 2
+    assert (tmp_path / "figures" / "learning_curve.png").exists()
+
+
 def test_means_that_cross_0_inside_the_noise_are_no_changed_conclusion(tmp_path, capsys,
                                                                         curve_labels):
     """noisy is bert_pooler's three (very different) seeds with 2 errors fixed at 2,000 rows and 2
