@@ -68,7 +68,8 @@ class CannotWrite(UserError, OSError):
 
 def run_main(main):
     """Call main(); a UserError becomes one clear line on stderr instead of a traceback wall, and
-    so does a disk that refuses a write the helpers below did not make (a run folder's mkdir)."""
+    so does a disk that refuses a write the helpers below did not make (a run folder's mkdir).
+    Under torchrun, a main() that returned leaves the process group (leave_process_group)."""
     try:
         main()
         leave_process_group()
