@@ -15,12 +15,19 @@
 #                               # study's bert_pooler, 1 epoch; 3 and 4 against 2), and the
 #                               # ensemble of the medium study's $ENSEMBLE_EXP seeds (reported,
 #                               # not the goal); a student of the vote of the 9 pooler runs
+#   bash accuracy.sh 60k        # AGNEWS_DIR=../shared/data/ag_news_67k (60,566 training rows; a
+#                               # train.csv of fewer than 60,000 lines is refused): the pooler at 2
+#                               # and 3 epochs, against the large study's bert_pooler (1 epoch)
+#   bash accuracy.sh 60k-heads  # at LENGTH_60K epochs (chosen on validation from the stage above):
+#                               # textcnn and mlp_res, the best heads of medium, then the votes of
+#                               # each one's seeds and of the three heads' 9 runs
 # Between stages, choose on the VALIDATION split only (the test set reports the chosen recipe once):
 #   python analyze.py --compare runs/acc --baseline pooler_e$EPOCHS --compare-on val
 #
 # Settings (environment): EPOCHS (the length `schedule` chose on validation: 3), ROOT (runs/acc),
 # SEEDS (0,1,2), MEDIUM (the medium study's folder, default runs/study-medium), ENSEMBLE_EXP
-# (whose seeds are voted at 24k, default bert_textcnn: the best on validation), EXTRA (more flags
+# (whose seeds are voted at 24k, default bert_textcnn: the best on validation), LARGE (the large
+# study's folder, default runs/study-large), LENGTH_60K (epochs for 60k-heads), EXTRA (more flags
 # for every training run, after the stage's own: tests make the runs tiny with it).
 # Every stage is resumable: run the same command again and finished seeds are kept. One run at a
 # time: on a 2-core CPU two would fight over the cores.
@@ -32,6 +39,7 @@ SEEDS=${SEEDS:-0,1,2}
 EPOCHS=${EPOCHS:-3}
 MEDIUM=${MEDIUM:-runs/study-medium}
 ENSEMBLE_EXP=${ENSEMBLE_EXP:-bert_textcnn}
+LARGE=${LARGE:-runs/study-large}
 read -r -a EXTRA_FLAGS <<< "${EXTRA:-}"
 SMALL=(--train-size 2000 --val-size 1000)  # the 2,000-row setting of study.sh quick
 mkdir -p "$ROOT/logs"
@@ -61,6 +69,17 @@ vote_seeds() {
   log="$ROOT/logs/$(basename "$out").log"
   python vote.py --runs "${members[@]}" --out "$out" --device cpu > "$log" 2>&1 \
     || { echo "FAILED: vote (see $log)" >&2; exit 1; }
+}
+
+# require_rows N: stop with one line unless AGNEWS_DIR's train.csv has at least N lines
+require_rows() {
+  local file=${AGNEWS_DIR:-data/ag_news}/train.csv rows
+  rows=$( { wc -l < "$file"; } 2>/dev/null || echo 0)
+  if [ "$rows" -lt "$1" ]; then
+    echo "accuracy.sh $STAGE: $file has $rows lines; set AGNEWS_DIR to the 67,296-row" \
+         "folder (../shared/data/ag_news_67k)" >&2
+    exit 2
+  fi
 }
 
 BERT=(train_bert.py --head pooler)
@@ -104,6 +123,34 @@ case "$STAGE" in
     # same steps)
     vote_seeds "$ROOT/ensemble_24k_pooler9" "$ROOT"/pooler_24k_e{2,3,4}
     run "student_24k_e2" "${BERT[@]}" --epochs 2 --teacher "$ROOT/ensemble_24k_pooler9" ;;
-  *) echo "usage: bash accuracy.sh schedule|methods|heads|distill|large   (see the header)" >&2
+  60k)
+    require_rows 60000
+    for e in 2 3; do run "pooler_60k_e$e" "${BERT[@]}" --epochs "$e"; done ;;
+  60k-heads)
+    require_rows 60000
+    L=${LENGTH_60K:-}
+    case "$L" in
+      1|2|3) ;;
+      *) echo "accuracy.sh 60k-heads: set LENGTH_60K to the epochs (1, 2 or 3) the 60k stage" \
+              "chose on validation" >&2; exit 2 ;;
+    esac
+    # at 1 epoch the large study has trained all three heads already
+    if [ "$L" = 1 ]; then pooler=$LARGE/bert_pooler; else pooler=$ROOT/pooler_60k_e$L; fi
+    for seed in ${SEEDS//,/ }; do
+      [ -f "$pooler/seed$seed/metrics.json" ] || { echo "accuracy.sh 60k-heads: $pooler/seed$seed" \
+        "has not finished (run the large study, or accuracy.sh 60k, first)" >&2; exit 2; }
+    done
+    heads=("$pooler")
+    for head in textcnn mlp_res; do
+      if [ "$L" = 1 ]; then heads+=("$LARGE/bert_$head"); continue; fi
+      run "${head}_60k_e$L" train_bert.py --head "$head" --epochs "$L"
+      heads+=("$ROOT/${head}_60k_e$L")
+    done
+    for exp in "${heads[@]}"; do
+      vote_seeds "$ROOT/ensemble_60k_e${L}_$(basename "$exp")" "$exp"
+    done
+    vote_seeds "$ROOT/ensemble_60k_e${L}_heads" "${heads[@]}" ;;
+  *) echo "usage: bash accuracy.sh schedule|methods|heads|distill|large|60k|60k-heads" \
+          "(see the header)" >&2
      exit 2 ;;
 esac

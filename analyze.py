@@ -429,7 +429,7 @@ def main(argv=None):
         if args.learning_curve:
             learning_curves.show_learning_curve(args.learning_curve, args.out or "runs",
                                                 args.data, args.seed,
-                                                args.baseline or "bert_pooler")
+                                                args.baseline or learning_curves.BASELINE)
         if args.epochs_curve:
             learning_curves.show_epochs_curve(args.epochs_curve, args.out or "runs")
         if not any(getattr(args, action) for action in ACTIONS):

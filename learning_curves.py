@@ -62,7 +62,10 @@ def learning_curve(studies):
     return curves
 
 
-def gaps_to_baseline(studies, baseline="bert_pooler", data_dir=None, seed=0):
+BASELINE = "bert_pooler"  # the pooler head: what AutoModelForSequenceClassification trains
+
+
+def gaps_to_baseline(studies, baseline=BASELINE, data_dir=None, seed=0):
     """{experiment name: {study folder: (difference, low, high)}}: in each study folder holding
     the baseline, each experiment's test macro F1 minus the baseline's with its 95% interval, by
     compare.paired_bootstrap with the seed and the seed pairing of --compare's table (seed k with
@@ -157,7 +160,7 @@ def draw_gaps(right, curves, gaps, baseline):
             "texts": [text.get_text() for text in right.texts]}
 
 
-def plot_learning_curve(curves, gaps, path, baseline="bert_pooler"):
+def plot_learning_curve(curves, gaps, path, baseline=BASELINE):
     """Test macro F1 against training rows (log scale), one line per experiment: the mean over
     seeds, a bar of ±1 std; experiments measured at one size only are dots. Where the baseline was
     measured, a second panel (draw_gaps) holds each experiment's difference from it with its 95%
@@ -248,7 +251,7 @@ def gap_text(diff, low, high):   # '+2.50 [+1.90, +3.10] better': in points, wit
     return f"{100 * diff:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] {verdict(low, high)}"
 
 
-def show_learning_curve(paths, out_dir, data_dir=None, seed=0, baseline="bert_pooler"):
+def show_learning_curve(paths, out_dir, data_dir=None, seed=0, baseline=BASELINE):
     """Print the curve as a table, a column per study folder in the order given ("-" where the
     experiment is not in it); then each experiment against the baseline with its interval and
     verdict at each size, and where that verdict changes; write learning_curve.png into out_dir.

@@ -2,11 +2,11 @@
 Scoring in int8, by hand
 ========================
 
-A trained encoder spends its scoring time in the matrix products of its Linear layers (query, key,
-value, out, and the two of the MLP): y = x W^T + b, with x (N, in) the tokens of a batch and W
-(out, in). A CPU with AVX512-VNNI or AMX multiplies 8-bit integers at about twice its bf16 rate,
-so after training we may store W in int8, round x to int8 as it arrives, multiply in integers,
-and scale the int32 sums back to floats. Nothing about training changes.
+A trained encoder spends most of its scoring time in the matrix products of its Linear layers
+(query, key, value, out, and the two of the MLP): y = x W^T + b, with x (N, in) the tokens of a
+batch and W (out, in). A CPU with AVX512-VNNI or AMX multiplies 8-bit integers at about twice its
+bf16 rate, so after training we may store W in int8, round x to int8 as it arrives, multiply in
+integers, and scale the int32 sums back to floats. Nothing about training changes.
 
 Symmetric rounding to int8. A real number v in [-m, m] becomes the integer q = round(v / s) with
 the scale s = m / 127, so q is in [-127, 127] and v ~ s q. The error of one value is at most s / 2
@@ -21,7 +21,7 @@ Then, because the scales factor out of the sum over i,
 
 and the sum in brackets is an int8 x int8 -> int32 matrix product (exact: in = 1536 products of at
 most 127^2 sum to under 2^25, far inside int32). torch has two: torch._int_mm, which on this
-project's AMX Xeon does not reach the int8 units (slower than bf16), and oneDNN's quantized linear
+project's AMX Xeon does not reach the int8 units, and oneDNN's quantized linear
 (torch.ops.onednn.qlinear_pointwise, what torch's x86 int8 compiler path calls), which does. The
 latter takes one activation scale per call, not one per row, so it is called with scale 1 and the
 row scales multiply its output: the same maths, the integer product on AMX-INT8 or VNNI.
@@ -31,25 +31,36 @@ row whose values are smaller gets coarse steps. Rows of W differ in size by a fa
 a trained BERT, and tokens differ more ([CLS] and punctuation carry large activations); one scale
 per row of each costs one float per row and keeps every row's steps as fine as its own range
 allows. The weights are rounded once, after training; the activations at every call, from their
-own range (dynamic quantization), so no calibration set is needed.
+own range (dynamic quantization), so no calibration set is needed. (torch's own dynamic int8 uses
+one scale per batch: on the bench's rows, its head made confident, it changes fp32's class on
+~11% of them, ours on ~2%.)
+
+Rounding costs memory, not arithmetic. Each step of it in eager torch (abs, max, multiply, round,
+cast) is a pass over the whole activation, and at scoring sizes those passes took longer than the
+int8 product itself. Compiled (torch.compile, `fused` below) they become two loops: 4-6x faster,
+the same numbers. The products' output is also kept in the dtype the float layer would give
+(bf16 under autocast), as writing float32 is twice the memory.
 
 What stays in float: embeddings, LayerNorm, softmax, GELU, the attention products of q and k (two
-activations, both changing with every text) and the head. Those are a small part of the time.
+activations, both changing with every text) and the head. That is nearly half of bf16's scoring
+time, and int8 cannot touch it: the ceiling of this lesson's speed-up.
 
 This file reads in order: rounding (quantize_per_row), the reference (the same maths in float on
 the rounded values: fake quantization), the int8 layer, and quantize_encoder, which swaps the
 encoder's Linear layers for it. Tests: tests/test_quantize.py (the int8 layer equals the
 reference; a wrong scale is caught; a model's verdicts barely move). Benchmark and the peer,
-torch's own dynamic quantization: bench/bench_quantize.py. Measured so far (RESULTS.md, on this
-project's 2-core AMX Xeon, 512 test rows): bf16 394 rows/s; ours with oneDNN's product 151
-(0.38x), with torch._int_mm 112 (0.28x); torch's dynamic int8 226 (0.57x). Neither int8 product
-beats bf16 here: one (2048 x 384) x (384 x 1536) product, idle, takes 1.9-2.9 ms with oneDNN's,
-1.9 ms with _int_mm, 1.25 ms in bf16 (the AMX-BF16 units), and rounding each row and rescaling
-the output are passes over memory on top. Accuracy holds (bench/int8_accuracy.py, RESULTS.md:
--0.03 points of test accuracy, inside the noise), so --int8 stays off by default.
+torch's own dynamic quantization: bench/bench_quantize.py (--breakdown: where the time goes).
+Measured (RESULTS.md, this project's 2-core AMX Xeon, 512 test rows, one run): bf16 346 rows/s;
+ours with oneDNN's product 296 (0.86x), with torch._int_mm 190 (0.55x); torch's dynamic int8 186
+(0.54x). The products themselves run faster than bf16's (and skip autocast's casts), but the
+rounding and the float half stay: on this CPU, whose AMX-BF16 units already multiply fast, int8
+does not beat bf16. Accuracy holds (bench/int8_accuracy.py, RESULTS.md: -0.03 points of test
+accuracy, inside the noise), so --int8 stays off by default.
 
 Lesson 21 of README's reading path, the last: read after learning_curves.py.
 """
+import threading
+
 import torch
 import torch.nn as nn
 
@@ -61,14 +72,22 @@ QMAX = 127  # symmetric int8: -127..127 (leaving -128 unused keeps the range sym
 # --------------------------------------------------------------------------------------------------
 # Rounding
 # --------------------------------------------------------------------------------------------------
-def quantize_per_row(x):
-    """x (R, C) float -> (q (R, C) int8, scale (R,) float32) with x ~ scale[:, None] * q: each row
-    rounded on its own range. A row of zeros gets scale 1 (any scale rounds it to zeros)."""
+def round_rows(x):
+    """x (R, C) -> (q (R, C) float32 holding integers in -127..127, scale (R,) float32) with
+    x ~ scale[:, None] * q: each row rounded on its own range. One division per row, then a
+    multiplication per value (x times 1/s, not x / s: the same up to one float rounding, and what
+    the compiled loop below does fastest). A row of zeros gets the smallest scale: it rounds to
+    zeros whatever the scale."""
     x = x.float()
-    scale = x.abs().amax(dim=1) / QMAX                                 # (R,)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    scale = (x.abs().amax(dim=1) / QMAX).clamp(min=torch.finfo(torch.float32).tiny)   # (R,)
+    q = (x * (1 / scale)[:, None]).round().clamp(-QMAX, QMAX)
     return q, scale
+
+
+def quantize_per_row(x):
+    """x (R, C) float -> (q (R, C) int8, scale (R,) float32) with x ~ scale[:, None] * q."""
+    q, scale = round_rows(x)
+    return q.to(torch.int8), scale
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,11 +112,62 @@ def onednn_available():
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
+def fused(function):
+    """function compiled by torch.compile, its elementwise passes fused into one loop each.
+
+    Rounding a batch is cheap arithmetic on a lot of memory: eager torch makes one pass over the
+    whole activation per step (float, abs, max, multiply, round, clamp, cast) and, at scoring
+    sizes, each pass costs about what the int8 product itself does; compiled, it is two loops (the
+    row maxima, then the rounding): 4-6x faster here, the same rounding to the bit
+    (tests/test_quantize.py). torch.compile's tracer is not safe to enter from several threads at
+    once, and serve.py scores in several: one call at a time, under a lock (each is a short loop
+    on cores the threads share anyway). Where this machine cannot compile (no C++ compiler), it
+    says so in one line and runs eager; an error of the input itself is raised as it is."""
+    compiled = torch.compile(function, dynamic=True)
+    lock = threading.Lock()
+
+    def run(*args):
+        nonlocal compiled
+        with lock:
+            try:
+                return compiled(*args)
+            except Exception as error:  # the compiler's own errors have no common class
+                if compiled is function:
+                    raise
+                result = function(*args)  # fails too if the input is at fault: raised from here
+                print(f"quantize.py: torch.compile failed here "
+                      f"({str(error).splitlines()[0][:100]}); int8 rounding runs eager: the same "
+                      "numbers, slower")
+                compiled = function
+                return result
+
+    run.is_compiled = lambda: compiled is not function
+    return run
+
+
+@fused
+def rows_to_int8(x):
+    """quantize_per_row, fused."""
+    return quantize_per_row(x)
+
+
+@fused
+def rescale(acc, x_scale, w_scale, bias, dtype):
+    """The product's sums (N, out) back to the layer's output: times each row's scale, times each
+    channel's (w_scale None: oneDNN has already applied it), plus the bias, in dtype."""
+    y = acc.float() * x_scale[:, None]
+    if w_scale is not None:
+        y = y * w_scale[None, :]
+    return (y if bias is None else y + bias).to(dtype)
+
+
 class Int8Linear(nn.Module):
     """An nn.Linear for scoring: its weight kept as int8 with one scale per output channel, its
     input rounded per row at every call, one int8 matrix product, the int32 sums scaled back to
-    float32. For scoring only: rounding has no gradient (autograd would follow the row scales
-    alone, a wrong one), so an input that asks for a gradient is refused.
+    float. Its output has the dtype nn.Linear's would: the input's, or under autocast the autocast
+    dtype (bf16), so what follows runs as it does in the float model. For scoring only: rounding
+    has no gradient (autograd would follow the row scales alone, a wrong one), so an input that
+    asks for a gradient is refused.
 
     product "onednn" (the default where torch has it): oneDNN's quantized linear, on the CPU's
     int8 units; "int_mm": torch._int_mm, the plain int32 product (any device)."""
@@ -123,19 +193,23 @@ class Int8Linear(nn.Module):
     def forward(self, x):                                              # x (..., in)
         if x.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("Int8Linear is for scoring: its rounding has no gradient")
-        shape = x.shape
-        x_q, x_scale = quantize_per_row(x.reshape(-1, self.in_features))   # (N, in), (N,)
+        device = x.device.type
+        out_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                     else x.dtype)
+        x_q, x_scale = rows_to_int8(x.reshape(-1, self.in_features))  # (N, in) int8, (N,)
         if self.product == "onednn":
-            # activation scale 1, weight scales per channel: sum_i x_q W_q times s_w[o], in fp32
-            y = torch.ops.onednn.qlinear_pointwise(
+            # activation scale 1, zero point 0; the weight scales per channel: oneDNN gives the
+            # sums times s_w[o], in bf16 where the layer answers in bf16 (half the memory to
+            # write, one more bf16 rounding before rescale's), else in fp32
+            acc_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+            acc = torch.ops.onednn.qlinear_pointwise(
                 x_q, 1.0, 0, self.weight_packed, self.weight_scale, self.zero_points, None,
-                1.0, 0, torch.float32, "none", [], "") * x_scale[:, None]
+                1.0, 0, acc_dtype, "none", [], "")                     # (N, out)
+            y = rescale(acc, x_scale, None, self.bias, out_dtype)
         else:
             acc = torch._int_mm(x_q, self.weight_t)                    # (N, out) int32, exact
-            y = acc.float() * x_scale[:, None] * self.weight_scale[None, :]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+            y = rescale(acc, x_scale, self.weight_scale, self.bias, out_dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, int8 per-channel, "

@@ -7,11 +7,16 @@ probability gap.
 
     python bench/bench_quantize.py                     # 1,024 test rows, pretrained MiniLM
     python bench/bench_quantize.py --rows 256 --rounds 1
+    python bench/bench_quantize.py --rows 512 --breakdown    # where each way's time goes
 
 The rows are the official test set's first --rows, scored as finish_run scores them (batches of
-128 by length); the head is random (the ratios depend on shapes, not on training). Rounds
-alternate the order of the ways; the median of each is reported. Prints the CPU and whether it has
-AVX512-VNNI and AMX-INT8, the instructions int8 products run on.
+128 by length); the head is random (the ratios depend on shapes, not on training). Each way scores
+the rows once untimed (first allocations; torch.compile compiling our rounding), then rounds
+alternate the order of the ways; the median of each is reported. Prints the CPU and whether it
+has AVX512-VNNI and AMX-INT8, the instructions int8 products run on. --breakdown then scores the
+rows once more under torch's profiler for bf16 and ours (oneDNN) and splits the time into the
+matrix products, the copies (autocast's casts to bf16, most of them), our rounding and rescaling,
+and the rest (attention, GELU, LayerNorm, adds): what int8 can speed up, and what it cannot.
 """
 import argparse
 import statistics
@@ -65,12 +70,38 @@ def build(way, model_dir, head_state):
     return model, common.setup_runtime("cpu", precision)
 
 
+# torch's profiler names, grouped: self CPU time of each group
+PRODUCTS = ("aten::addmm", "aten::mm", "aten::_int_mm", "onednn::qlinear_pointwise")
+COPIES = ("aten::copy_", "aten::_to_copy")  # autocast's casts, and attention's head reshapes
+
+
+def breakdown(model, data, runtime):
+    """Seconds of self CPU time per group (products, copies, our compiled rounding, the rest)."""
+    from torch.profiler import profile
+    with profile() as prof:
+        common.predict(model, data, runtime, desc="profiled")
+    groups = {"products": 0.0, "copies": 0.0, "rounding + rescaling": 0.0, "the rest": 0.0}
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        if event.key in PRODUCTS:
+            groups["products"] += seconds
+        elif event.key in COPIES:
+            groups["copies"] += seconds
+        elif "Compiled" in event.key or event.key.startswith(("TorchDynamo", "AOTDispatcher")):
+            groups["rounding + rescaling"] += seconds
+        else:
+            groups["the rest"] += seconds
+    return groups
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--data", help="AG News folder (default $AGNEWS_DIR)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile bf16 and ours (oneDNN): where the time goes")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -90,6 +121,8 @@ def main():
     print(f"rows: {len(texts)} of the official test set, batches of 128 by length, max 128 tokens; "
           f"torch {torch.__version__}")
 
+    for way in ways:  # untimed: first allocations, and torch.compile's compiling of our rounding
+        common.predict(built[way][0], data, built[way][1], desc=f"{way} (warm-up)")
     times, probs = {way: [] for way in ways}, {}
     for round_ in range(args.rounds):
         for way in (ways if round_ % 2 == 0 else ways[::-1]):
@@ -107,6 +140,17 @@ def main():
         same = (probs[way].argmax(1) == reference.argmax(1)).mean()
         gap = abs(probs[way] - reference).max()
         print(f"| {way} | {rate:.1f} | {rate / bf16_rate:.2f}x | {same:.4f} | {gap:.4f} |")
+
+    if args.breakdown:
+        profiled = [way for way in ("bf16", "ours int8 (onednn)") if way in built]
+        split = {way: breakdown(built[way][0], data, built[way][1]) for way in profiled}
+        print("\n| seconds (self CPU, profiled) | " + " | ".join(profiled) + " |")
+        print("| --- |" + " ---: |" * len(profiled))
+        for group in split[profiled[0]]:
+            print(f"| {group} | " + " | ".join(f"{split[way][group]:.2f}" for way in profiled)
+                  + " |")
+        print("| total | " + " | ".join(f"{sum(split[way].values()):.2f}" for way in profiled)
+              + " |")
 
 
 if __name__ == "__main__":

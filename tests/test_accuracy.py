@@ -90,3 +90,44 @@ def test_an_unknown_stage_gets_one_line(tmp_path):
     done = accuracy(tmp_path, "no-model", "everything", "")
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "usage: bash accuracy.sh" in done.stderr
+
+
+def data_folder(tmp_path, lines):
+    """A folder whose train.csv has `lines` lines: all the 60k stages read of it before training."""
+    folder = tmp_path / f"rows{lines}"
+    folder.mkdir()
+    (folder / "train.csv").write_text("label,text\n" + "1,a\n" * (lines - 1))
+    return folder
+
+
+def stage_60k(tmp_path, stage, folder, length):
+    env = {**os.environ, "AGNEWS_DIR": str(folder), "ROOT": str(tmp_path / "acc"),
+           "LARGE": str(tmp_path / "large")}
+    env.pop("LENGTH_60K", None)
+    if length is not None:
+        env["LENGTH_60K"] = length
+    return subprocess.run(["bash", str(ROOT / "accuracy.sh"), stage], env=env,
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("stage", ["60k", "60k-heads"])
+def test_the_60k_stages_refuse_a_folder_of_fewer_rows(tmp_path, stage):
+    for folder in (data_folder(tmp_path, 59_999), tmp_path / "no_such_folder"):
+        done = stage_60k(tmp_path, stage, folder, "2")
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert f"accuracy.sh {stage}: {folder}/train.csv has" in done.stderr
+        assert "ag_news_67k" in done.stderr
+    assert not list(tmp_path.glob("acc/*/seed0"))                        # nothing trained
+
+
+@pytest.mark.parametrize("length, says", [
+    (None, "set LENGTH_60K to the epochs (1, 2 or 3)"),
+    ("4", "set LENGTH_60K to the epochs (1, 2 or 3)"),
+    ("2", "pooler_60k_e2/seed0 has not finished"),
+    ("1", "large/bert_pooler/seed0 has not finished"),
+])
+def test_the_60k_heads_ask_for_a_chosen_length_and_finished_pooler_runs(tmp_path, length, says):
+    """Before hours of training: the length chosen on validation, and the pooler seeds at it."""
+    done = stage_60k(tmp_path, "60k-heads", data_folder(tmp_path, 60_000), length)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert says in done.stderr

@@ -2,7 +2,13 @@
 layer equals the same maths done in float on the rounded values (and a wrong scale is caught); its
 error against the float layer stays inside the bound the rounding gives; a quantized MiniLM's
 sentence vectors stay those of the float one. Fresh random inputs each run; the seed is printed."""
+import os
 import random
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +18,7 @@ import analyze
 import bert
 import common
 import quantize
+import serve
 import train_bert
 import train_lstm
 import vote
@@ -72,6 +79,58 @@ def test_a_wrong_scale_is_caught_by_the_reference(product):
     with pytest.raises(AssertionError):
         torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5,
                                    msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_rounding_equals_the_eager_one(dtype):
+    """The compiled rounding (one loop instead of a pass per step) gives the eager numbers bit for
+    bit: the same int8 values, the same scales. And it did compile (this needs a C++ compiler)."""
+    seed = fresh_seed()
+    x = (torch.randn(67, 384) * torch.rand(67, 1) * 10).to(dtype)
+    x[3] = 0.0
+    q, scale = quantize.quantize_per_row(x)
+    fused_q, fused_scale = quantize.rows_to_int8(x)
+    assert quantize.rows_to_int8.is_compiled(), "torch.compile fell back to eager here"
+    assert torch.equal(fused_q, q) and torch.equal(fused_scale, scale), seed
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_under_autocast_the_int8_layer_answers_in_bf16_like_a_linear(product):
+    """Under bf16 autocast nn.Linear answers in bf16, so the GELU and adds after it run in bf16;
+    Int8Linear does the same. Its products may round to bf16 before the row scale: the error
+    against the reference stays within two bf16 roundings (2^-8 each) of |y| + |b|."""
+    seed = fresh_seed()
+    linear = nn.Linear(384, 96)
+    layer = quantize.Int8Linear(linear, product)
+    x = torch.randn(40, 384) * 3
+    want = quantize.linear_fake_quant(x, layer.weight_q, layer.weight_scale, linear.bias)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        assert linear(x).dtype == got.dtype == torch.bfloat16
+    bound = 2 * 2 ** -8 * (want.abs() + linear.bias.double().abs()[None, :])
+    assert ((got.double() - want).abs() <= bound).all(), seed
+
+
+def test_where_torch_compile_fails_the_rounding_runs_eager_and_says_so(monkeypatch, capsys):
+    def no_compiler(function, **options):
+        def broken(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+        return broken
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    rounding = quantize.fused(quantize.quantize_per_row)
+    # an input at fault fails eager too: its own error, and the compiler is not blamed
+    with pytest.raises(IndexError):
+        rounding(torch.randn(5))                       # one dimension: no rows to round
+    assert capsys.readouterr().out == "" and rounding.is_compiled()
+    x = torch.randn(5, 16)
+    for _ in range(2):
+        q, scale = rounding(x)
+        want_q, want_scale = quantize.quantize_per_row(x)
+        assert torch.equal(q, want_q) and torch.equal(scale, want_scale)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["quantize.py: torch.compile failed here (InvalidCxxCompiler: No working C++ "
+                     "compiler found); int8 rounding runs eager: the same numbers, slower"]
+    assert not rounding.is_compiled()
 
 
 def test_the_int8_layer_is_within_the_rounding_bound_of_the_float_layer():
@@ -166,8 +225,53 @@ def test_int8_scores_texts_and_todays_news_and_writes_nothing(tiny_bert_run, cap
 
 
 @needs_rows
+def test_serve_in_int8_gives_the_same_verdicts_from_threads_at_once(tiny_bert_run, capsys):
+    """serve.py --int8: its verdicts take no lock, so the int8 layers run in several threads at
+    once, with nothing compiled yet (torch.compile's tracer is not thread-safe: quantize.fused
+    takes one call at a time); each answer equals the one given alone, and nothing fell back."""
+    lab = serve.Lab([tiny_bert_run], "cpu", int8=True)
+    assert any(isinstance(m, quantize.Int8Linear) for m in lab.members[0][1].modules())
+    headlines = ["Stocks fell as oil prices rose", "Nadal wins the final in Paris",
+                 "New chip doubles battery life of phones"]
+    alone = {text: lab.classify(text) for text in headlines}
+    torch._dynamo.reset()                              # cold again: the threads compile
+    answers = []
+    threads = [threading.Thread(target=lambda text=text: answers.append((text, lab.classify(text))))
+               for text in headlines * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(answers) == 9
+    for text, answer in answers:
+        assert answer == alone[text], text
+    assert "torch.compile failed" not in capsys.readouterr().out
+    assert quantize.rows_to_int8.is_compiled() and quantize.rescale.is_compiled()
+
+
+@needs_rows
 def test_int8_where_it_cannot_apply_is_one_line(tiny_bert_run):
     with pytest.raises(common.UserError, match="--int8 scores texts"):
         vote.main(["--runs", str(tiny_bert_run), "--int8"])
     with pytest.raises(common.UserError, match="integrated gradients"):
         analyze.main(["--run", str(tiny_bert_run), "--attribution", "--int8"])
+
+
+@needs_rows
+def test_the_bench_prints_its_table_and_the_breakdown():
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "bench" / "bench_quantize.py"),
+                             "--rows", "8", "--rounds", "1", "--breakdown"],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "AGNEWS_DIR": str(AGNEWS_DIR)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert out.startswith("CPU: ") and "int8/bf16 instructions:" in out
+    for way in ("fp32", "bf16", "ours int8 (int_mm)", "torch dynamic int8"):
+        assert re.search(rf"\| {re.escape(way)} \| \d+\.\d \| \d\.\d\dx \| ", out), way
+    if quantize.onednn_available():
+        rows = {line.split("|")[1].strip(): line for line in out.splitlines()
+                if line.startswith("| ")}
+        for group in ("products", "copies", "rounding + rescaling", "the rest", "total"):
+            assert re.fullmatch(rf"\| {re.escape(group)} \| \d+\.\d\d \| \d+\.\d\d \|",
+                                rows[group]), group
