@@ -33,7 +33,7 @@ per row of each costs one float per row and keeps every row's steps as fine as i
 allows. The weights are rounded once, after training; the activations at every call, from their
 own range (dynamic quantization), so no calibration set is needed. (torch's own dynamic int8 uses
 one scale per batch: on the bench's rows, its head made confident, it changes fp32's class on
-~11% of them, ours on ~2%.)
+11% of them, ours on 2%.)
 
 Rounding costs memory, not arithmetic. Each step of it in eager torch (abs, max, multiply, round,
 cast) is a pass over the whole activation, and at scoring sizes those passes took longer than the
@@ -50,12 +50,12 @@ the rounded values: fake quantization), the int8 layer, and quantize_encoder, wh
 encoder's Linear layers for it. Tests: tests/test_quantize.py (the int8 layer equals the
 reference; a wrong scale is caught; a model's verdicts barely move). Benchmark and the peer,
 torch's own dynamic quantization: bench/bench_quantize.py (--breakdown: where the time goes).
-Measured (RESULTS.md, this project's 2-core AMX Xeon, 512 test rows, one run): bf16 346 rows/s;
-ours with oneDNN's product 296 (0.86x), with torch._int_mm 190 (0.55x); torch's dynamic int8 186
-(0.54x). The products themselves run faster than bf16's (and skip autocast's casts), but the
+Measured (RESULTS.md, this project's 2-core AMX Xeon, 512 test rows, one run): bf16 366 rows/s;
+ours with oneDNN's product 312 (0.85x), with torch._int_mm 189 (0.52x); torch's dynamic int8 191
+(0.52x). The products themselves run faster than bf16's (and skip autocast's casts), but the
 rounding and the float half stay: on this CPU, whose AMX-BF16 units already multiply fast, int8
-does not beat bf16. Accuracy holds (bench/int8_accuracy.py, RESULTS.md: -0.03 points of test
-accuracy, inside the noise), so --int8 stays off by default.
+does not beat bf16. Accuracy held with the eager rounding (bench/int8_accuracy.py, RESULTS.md:
+-0.03 points of test accuracy, inside the noise), so --int8 stays off by default.
 
 Lesson 21 of README's reading path, the last: read after learning_curves.py.
 """
