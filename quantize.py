@@ -72,22 +72,15 @@ QMAX = 127  # symmetric int8: -127..127 (leaving -128 unused keeps the range sym
 # --------------------------------------------------------------------------------------------------
 # Rounding
 # --------------------------------------------------------------------------------------------------
-def round_rows(x):
-    """x (R, C) -> (q (R, C) float32 holding integers in -127..127, scale (R,) float32) with
-    x ~ scale[:, None] * q: each row rounded on its own range. One division per row, then a
-    multiplication per value (x times 1/s, not x / s: the same up to one float rounding, and what
-    the compiled loop below does fastest). A row of zeros gets the smallest scale: it rounds to
-    zeros whatever the scale."""
+def quantize_per_row(x):
+    """x (R, C) float -> (q (R, C) int8, scale (R,) float32) with x ~ scale[:, None] * q: each row
+    rounded on its own range. One division per row, then a multiplication per value (x times 1/s,
+    not x / s: the same up to one float rounding, and what the compiled loop below does fastest).
+    A row of zeros gets the smallest scale: it rounds to zeros whatever the scale."""
     x = x.float()
     scale = (x.abs().amax(dim=1) / QMAX).clamp(min=torch.finfo(torch.float32).tiny)   # (R,)
-    q = (x * (1 / scale)[:, None]).round().clamp(-QMAX, QMAX)
+    q = (x * (1 / scale)[:, None]).round().clamp(-QMAX, QMAX).to(torch.int8)
     return q, scale
-
-
-def quantize_per_row(x):
-    """x (R, C) float -> (q (R, C) int8, scale (R,) float32) with x ~ scale[:, None] * q."""
-    q, scale = round_rows(x)
-    return q.to(torch.int8), scale
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,10 +138,7 @@ def fused(function):
     return run
 
 
-@fused
-def rows_to_int8(x):
-    """quantize_per_row, fused."""
-    return quantize_per_row(x)
+rows_to_int8 = fused(quantize_per_row)  # what Int8Linear calls: the same rounding, compiled
 
 
 @fused

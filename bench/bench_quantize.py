@@ -121,8 +121,8 @@ def main():
     print(f"rows: {len(texts)} of the official test set, batches of 128 by length, max 128 tokens; "
           f"torch {torch.__version__}")
 
-    for way in ways:  # untimed: first allocations, and torch.compile's compiling of our rounding
-        common.predict(built[way][0], data, built[way][1], desc=f"{way} (warm-up)")
+    for way, (model, runtime) in built.items():  # untimed: first allocations, and compiling
+        common.predict(model, data, runtime, desc=f"{way} (warm-up)")
     times, probs = {way: [] for way in ways}, {}
     for round_ in range(args.rounds):
         for way in (ways if round_ % 2 == 0 else ways[::-1]):
