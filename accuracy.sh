@@ -16,8 +16,8 @@
 #                               # ensemble of the medium study's $ENSEMBLE_EXP seeds (reported,
 #                               # not the goal); a student of the vote of the 9 pooler runs
 #   bash accuracy.sh 60k        # AGNEWS_DIR=../shared/data/ag_news_67k (60,566 training rows; a
-#                               # train.csv of fewer than 60,000 lines is refused): the pooler at 2
-#                               # and 3 epochs, against the large study's bert_pooler (1 epoch)
+#                               # train.csv of fewer than 60,000 lines is refused): the pooler at 3
+#                               # then 2 epochs, against the large study's bert_pooler (1 epoch)
 #   bash accuracy.sh 60k-heads  # at LENGTH_60K epochs (chosen on validation from the stage above):
 #                               # textcnn and mlp_res, the best heads of medium, then the votes of
 #                               # each one's seeds and of the three heads' 9 runs
@@ -125,7 +125,9 @@ case "$STAGE" in
     run "student_24k_e2" "${BERT[@]}" --epochs 2 --teacher "$ROOT/ensemble_24k_pooler9" ;;
   60k)
     require_rows 60000
-    for e in 2 3; do run "pooler_60k_e$e" "${BERT[@]}" --epochs "$e"; done ;;
+    # 3 epochs first: a run keeps its best validation epoch and records every epoch's validation
+    # score, so its seeds alone answer "is 1 epoch enough?" if the stage is stopped after them
+    for e in 3 2; do run "pooler_60k_e$e" "${BERT[@]}" --epochs "$e"; done ;;
   60k-heads)
     require_rows 60000
     L=${LENGTH_60K:-}
