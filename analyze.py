@@ -10,7 +10,8 @@
     python analyze.py --run runs/bert_pooler --contrast 'text A' 'text B'   # why two texts differ
     python analyze.py --compare                      # every experiment under runs/, seeds pooled
     python analyze.py --compare runs/study --baseline bert_pooler
-    python analyze.py --learning-curve runs/study-quick runs/study-medium --out figures
+    python analyze.py --learning-curve results/study-quick.csv results/study-medium.csv \
+        results/study-large.csv --out figures   # or the study folders themselves
     python analyze.py --epochs-curve runs/acc/pooler_e1 runs/acc/pooler_e3 --out figures
     python analyze.py --score-cases runs/study-quick   # today's news for runs made before it
 
@@ -349,9 +350,9 @@ def build_parser():
                              "(compare_val.*), the one to choose settings on")
     parser.add_argument("--learning-curve", nargs="+", metavar="STUDY",
                         help="test macro F1 against training rows, one line per experiment, from "
-                             "study folders of several sizes (e.g. runs/study-quick "
-                             "runs/study-medium); writes learning_curve.png into --out (default "
-                             "runs/)")
+                             "studies of several sizes, each a folder of runs (runs/study-quick) "
+                             "or its finished table (results/study-large.csv); writes "
+                             "learning_curve.png into --out (default runs/)")
     parser.add_argument("--epochs-curve", nargs="+", metavar="EXPERIMENT",
                         help="validation and test macro F1 against epochs, from experiments "
                              "that differ only in --epochs (e.g. runs/acc/pooler_e1 "

@@ -259,12 +259,17 @@ def summarise(experiment, labels, cases, split="test"):
     memory = [m.get("memory", {}) for m in metrics]
     peak = [mem.get("cuda_max_allocated_gb", mem.get("cpu_max_rss_gb")) for mem in memory]
     trainable = {m.get("parameters", {}).get("trainable") for m in metrics}
+    try:
+        trained = {runfolders.training_rows(run) for run in experiment.runs}
+    except common.UserError:
+        trained = set()   # runs from before the count was recorded: the cell says "-"
     cases_probs = experiment.cases_probs(cases) if cases is not None else None
     cases_preds = None if cases_probs is None else np.stack([p.argmax(1) for p in cases_probs])
     return {"cases_preds": cases_preds,
             "cases_macro_f1": (mean_std([macro_f1(cases.labels, p) for p in cases_preds])
                                if cases_preds is not None else (np.nan, np.nan)),
             "experiment": experiment.name, "seeds": len(preds), "preds": preds,
+            "training_rows": trained.pop() if len(trained) == 1 else None,
             "accuracy": mean_std((preds == labels).mean(1)),
             "macro_f1": mean_std([macro_f1(labels, p) for p in preds]),
             "f1_runs": [macro_f1(labels, p) for p in preds],
@@ -337,11 +342,11 @@ def verdict(row, key="diff"):
             + paired)
 
 
-COMPARE_COLUMNS = ["experiment", "seeds", "test accuracy", "macro F1", "F1 Business",
-                   "F1 Sci/Tech", "Business<->Sci/Tech errors", "training time (s)", "samples/s",
-                   "trainable parameters", "peak memory (GB)", "macro F1 - baseline [95% CI]",
-                   "McNemar p", "today's news macro F1", "test - today's news [95% CI]",
-                   "today's news - baseline [95% CI]"]
+COMPARE_COLUMNS = ["experiment", "seeds", "training rows", "test accuracy", "macro F1",
+                   "F1 Business", "F1 Sci/Tech", "Business<->Sci/Tech errors", "training time (s)",
+                   "samples/s", "trainable parameters", "peak memory (GB)",
+                   "macro F1 - baseline [95% CI]", "McNemar p", "today's news macro F1",
+                   "test - today's news [95% CI]", "today's news - baseline [95% CI]"]
 
 
 def table_cells(row, for_csv=False):
@@ -354,8 +359,9 @@ def table_cells(row, for_csv=False):
         if row["seeds"] == 1:
             return f"{mean:.{digits}f}" + ("" if for_csv else " (1 seed)")
         return f"{mean:.{digits}f} ± {std:.{digits}f}"
-    return [row["experiment"], str(row["seeds"]), pm(row["accuracy"], 4), pm(row["macro_f1"], 4),
-            pm(row["f1_business"], 4), pm(row["f1_scitech"], 4),
+    rows = "-" if row["training_rows"] is None else f"{row['training_rows']:,}"
+    return [row["experiment"], str(row["seeds"]), rows, pm(row["accuracy"], 4),
+            pm(row["macro_f1"], 4), pm(row["f1_business"], 4), pm(row["f1_scitech"], 4),
             pm(row["business_scitech_errors"], 1),
             pm(row["train_time_s"], 0), pm(row["samples_per_s"], 1),
             "-" if row["trainable"] is None else f"{row['trainable']:,}",

@@ -2,12 +2,14 @@
 
 Two questions a single table cannot answer:
   1. Does a conclusion hold with more data? `python analyze.py --learning-curve runs/study-quick
-     runs/study-medium`: every experiment of the study at each size (2,000 and 24,175 rows), test
-     macro F1 against training rows, and beside it each one minus the baseline with the 95%
-     interval of --compare's table (compare.paired_bootstrap: test rows and seeds resampled). At
-     each size the interval gives the verdict: above 0 (better), below (worse), holding 0 (inside
-     the noise). A conclusion changed with data where the verdict did (better at 2,000 rows, worse
-     or inside the noise at 24,175), not where two means inside the noise cross 0. Printed too.
+     runs/study-medium runs/study-large`: every experiment of the study at each size (2,000,
+     24,175 and 60,566 rows), test macro F1 against training rows, and beside it each one minus
+     the baseline with the 95% interval of --compare's table (compare.paired_bootstrap: test rows
+     and seeds resampled). At each size the interval gives the verdict: above 0 (better), below
+     (worse), holding 0 (inside the noise). A conclusion changed with data where the verdict did
+     (better at 2,000 rows, worse or inside the noise at 24,175), not where two means inside the
+     noise cross 0. Printed too. A study is its run folder or its finished table, the compare.csv
+     --compare wrote (results/ keeps ours: `--learning-curve results/study-*.csv`).
   2. How long to train? `python analyze.py --epochs-curve runs/acc/pooler_e1 runs/acc/pooler_e3
      ...`: macro F1 against epochs, validation (where the length is CHOSEN) beside test (where the
      chosen length is REPORTED, once). Choosing the length on the test curve would be a leak.
@@ -16,6 +18,8 @@ tests/test_compare.py checks both on made-up runs whose answer is known.
 
 Lesson 20 of README's reading path: read after compare.py; next: quantize.py.
 """
+import csv
+import re
 from pathlib import Path
 
 import matplotlib
@@ -33,59 +37,109 @@ from plumbing import runfolders
 OFF_SCALE = 5.0   # points of macro F1
 
 
-def training_rows(run):
-    """How many training rows a finished run learned from; a vote, those of its first member."""
-    metrics = common.load_json(Path(run) / "metrics.json")
-    if "train" in metrics.get("rows", {}):
-        return metrics["rows"]["train"]
-    config = common.load_json(Path(run) / "config.json")
-    if config.get("script") == "vote" and metrics.get("weights"):
-        [(_, first, _), *_] = runfolders.vote_members(run)
-        return training_rows(first)
-    raise common.UserError(f"{run}/metrics.json: no training row count")
-
-
-def learning_curve(studies):
-    """{experiment name: {study folder: (training rows, [test macro F1 of each seed])}} over
-    studies, {study folder: [compare.Experiment]} (e.g. runs/study-quick and runs/study-medium,
-    each gathered as --compare gathers one); an experiment keeps its name across folders. With
-    --eda or --unlabeled the rows count the copies or the unlabelled rows too."""
-    curves = {}
-    for study, experiments in studies.items():
-        for experiment in experiments:
-            rows = {training_rows(run) for run in experiment.runs}
-            if len(rows) != 1:
-                raise common.UserError(f"{study}: the seeds of {experiment.name} trained on "
-                                       f"different numbers of rows ({sorted(rows)})")
-            f1 = [m["test"]["macro_f1"] for m in experiment.metrics]
-            curves.setdefault(experiment.name, {})[study] = (rows.pop(), f1)
-    return curves
-
-
 BASELINE = "bert_pooler"  # the pooler head: what AutoModelForSequenceClassification trains
 
 
-def gaps_to_baseline(studies, baseline=BASELINE, data_dir=None, seed=0):
-    """{experiment name: {study folder: (difference, low, high)}}: in each study folder holding
-    the baseline, each experiment's test macro F1 minus the baseline's with its 95% interval, by
-    compare.paired_bootstrap with the seed and the seed pairing of --compare's table (seed k with
-    the baseline's seed k where both ran the same seeds), so that figure and table agree."""
+def scores(experiments):
+    """{experiment name: (training rows, mean, std, seeds)} of a study's test macro F1 over its
+    seeds. With --eda or --unlabeled the rows count the copies or the unlabelled rows too."""
+    out = {}
+    for experiment in experiments:
+        rows = {runfolders.training_rows(run) for run in experiment.runs}
+        if len(rows) != 1:
+            raise common.UserError(f"the seeds of {experiment.name} trained on different numbers "
+                                   f"of rows ({sorted(rows)})")
+        f1 = [m["test"]["macro_f1"] for m in experiment.metrics]
+        out[experiment.name] = (rows.pop(), *compare.mean_std(f1), len(f1))
+    return out
+
+
+def gaps_to_baseline(experiments, baseline=BASELINE, data_dir=None, seed=0):
+    """{experiment name: (difference, low, high)}: each experiment's test macro F1 minus the
+    baseline's with its 95% interval, by compare.paired_bootstrap with the seed and the seed
+    pairing of --compare's table (seed k with the baseline's seed k where both ran the same
+    seeds), so that figure and table agree. {} where the baseline is not among them."""
+    base = next((e for e in experiments if e.name == baseline), None)
+    if base is None:
+        return {}
+    labels = runfolders.load_scored_split(base.runs[0], "test", data_dir).labels    # (N,)
+    base_preds = np.stack([p.argmax(1) for p in base.probs(len(labels))])          # (R, N)
     gaps = {}
-    for study, experiments in studies.items():
-        base = next((e for e in experiments if e.name == baseline), None)
-        if base is None:
-            print(f"{study}: no {baseline} there, so no differences from it at this size")
-            continue
-        labels = runfolders.load_scored_split(base.runs[0], "test", data_dir).labels    # (N,)
-        base_preds = np.stack([p.argmax(1) for p in base.probs(len(labels))])          # (R, N)
-        for experiment in experiments:
-            if experiment is base:
-                continue
+    for experiment in experiments:
+        if experiment is not base:
             preds = np.stack([p.argmax(1) for p in experiment.probs(len(labels))])     # (R', N)
             paired = compare.seeds_paired(experiment.seeds, base.seeds)  # as --compare
-            gaps.setdefault(experiment.name, {})[study] = compare.paired_bootstrap(
-                preds, base_preds, labels, seed=seed, paired_seeds=paired)
+            gaps[experiment.name] = compare.paired_bootstrap(preds, base_preds, labels, seed=seed,
+                                                             paired_seeds=paired)
     return gaps
+
+
+# A study's finished table. The run folders of a long study need not outlive the machine that
+# trained them (ours did not); its table does: results/ keeps each study's compare.csv, and the
+# curve is drawn from those exactly as from the runs (tests/test_compare.py checks it).
+TABLE_COLUMNS = ("experiment", "seeds", "training rows", "macro F1",
+                 "macro F1 - baseline [95% CI]")
+NUMBER = r"[+-]?\d*\.?\d+"
+
+
+def read_table(path, baseline=BASELINE):
+    """(scores, gaps) as scores() and gaps_to_baseline() give them, read from a compare.csv that
+    analyze.py --compare wrote (or any csv with TABLE_COLUMNS): "0.9264 ± 0.0020" is a mean and
+    std, "+0.0029 [+0.0007, +0.0054] *" a difference and its interval. Its differences must be
+    against the baseline asked for: the table cannot be re-measured against another."""
+    with open(path, newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    missing = [c for c in TABLE_COLUMNS if not table or c not in table[0]]
+    if missing:
+        raise common.UserError(f"{path}: no column {missing[0]!r} (a compare.csv of analyze.py "
+                               f"--compare has {', '.join(TABLE_COLUMNS)})")
+    out, gaps, base = {}, {}, None
+    for line, row in enumerate(table, start=2):       # line 1 is the header
+        def numbers(column, pattern):
+            found = re.fullmatch(pattern, row[column].strip())
+            if found is None:
+                raise common.UserError(f"{path} line {line}, {column}: cannot read "
+                                       f"{row[column]!r}")
+            return [float(x.replace(",", "")) if x is not None else 0.0 for x in found.groups()]
+        name = row["experiment"]
+        rows, seeds = numbers("training rows", r"(\d[\d,]*)") + numbers("seeds", r"(\d+)")
+        mean, std = numbers("macro F1", rf"({NUMBER})(?: ± ({NUMBER}))?.*")
+        out[name] = (int(rows), mean, std, int(seeds))
+        if row["macro F1 - baseline [95% CI]"].strip() == "baseline":
+            base = name
+        else:
+            gaps[name] = tuple(numbers("macro F1 - baseline [95% CI]",
+                                       rf"({NUMBER}) \[({NUMBER}), ({NUMBER})\].*"))
+    if base != baseline:
+        raise common.UserError(f"{path}: its differences are against {base}, not {baseline} "
+                               f"(--baseline): run analyze.py --compare --baseline {baseline} on "
+                               f"its runs")
+    return out, gaps
+
+
+def read_study(path, baseline=BASELINE, data_dir=None, seed=0):
+    """(scores, gaps) of one study: from its run folders, as --compare gathers them, or from its
+    finished table where path is a .csv."""
+    if Path(path).suffix == ".csv":
+        return read_table(path, baseline)
+    experiments = compare.gather_experiments([path])
+    gaps = gaps_to_baseline(experiments, baseline, data_dir, seed)
+    if not gaps:
+        print(f"{path}: no {baseline} there, so no differences from it at this size")
+    return scores(experiments), gaps
+
+
+def learning_curve(studies):
+    """{study: (scores, gaps)} -> (curves, gaps) with every experiment's points joined across
+    studies, {experiment name: {study: (rows, mean, std, seeds)}} and {experiment name: {study:
+    (difference, low, high)}}; an experiment keeps its name across folders."""
+    curves, gaps = {}, {}
+    for study, (study_scores, study_gaps) in studies.items():
+        for name, score in study_scores.items():
+            curves.setdefault(name, {})[study] = score
+        for name, gap in study_gaps.items():
+            gaps.setdefault(name, {})[study] = gap
+    return curves, gaps
 
 
 def verdict(low, high):
@@ -168,13 +222,11 @@ def plot_learning_curve(curves, gaps, path, baseline=BASELINE):
     fig, axes = plt.subplots(1, 2 if gaps else 1, figsize=(compare.COMPARE_WIDTH, 6),
                              squeeze=False)
     ax = axes[0, 0]
-    sizes = sorted({r for by_study in curves.values() for r, _ in by_study.values()})
+    sizes = sorted({rows for by_study in curves.values() for rows, *_ in by_study.values()})
     for k, (name, by_study) in enumerate(sorted(curves.items())):
         style, color = line_style(k, name)
-        points = sorted(by_study.values())
-        means, stds = zip(*(compare.mean_std(f1) for _, f1 in points))
-        ax.errorbar([r for r, _ in points], means, yerr=stds, fmt="o" + style, capsize=3,
-                    label=name, color=color)
+        rows, means, stds, _ = zip(*sorted(by_study.values()))
+        ax.errorbar(rows, means, yerr=stds, fmt="o" + style, capsize=3, label=name, color=color)
     ax.set_ylabel("test macro F1 (mean ± std over seeds)")
     ax.set_title("The study's experiments at each size")
     ax.legend(fontsize=8, ncol=2, loc="lower right")
@@ -205,7 +257,7 @@ def epochs_curve(paths):
         for experiment in compare.gather_experiments([path]):
             config = common.load_json(experiment.runs[0] / "config.json")
             epochs = config["args"]["epochs"]
-            rows = training_rows(experiment.runs[0])
+            rows = runfolders.training_rows(experiment.runs[0])
             curve.setdefault(rows, {})[epochs] = {
                 split: [m[split]["macro_f1"] for m in experiment.metrics] for split in SPLITS}
     return curve
@@ -243,8 +295,8 @@ def show_epochs_curve(paths, out_dir):
     return common.save_figure(fig, Path(out_dir) / "epochs_curve.png")
 
 
-def score_text(rows, f1):
-    return "{:.4f} ± {:.4f} ".format(*compare.mean_std(f1)) + f"({rows:,} rows, {len(f1)} seeds)"
+def score_text(rows, mean, std, seeds):
+    return f"{mean:.4f} ± {std:.4f} ({rows:,} rows, {seeds} seeds)"
 
 
 def gap_text(diff, low, high):   # '+2.50 [+1.90, +3.10] better': in points, with the verdict
@@ -252,13 +304,12 @@ def gap_text(diff, low, high):   # '+2.50 [+1.90, +3.10] better': in points, wit
 
 
 def show_learning_curve(paths, out_dir, data_dir=None, seed=0, baseline=BASELINE):
-    """Print the curve as a table, a column per study folder in the order given ("-" where the
-    experiment is not in it); then each experiment against the baseline with its interval and
-    verdict at each size, and where that verdict changes; write learning_curve.png into out_dir.
-    Returns plot_learning_curve's (path, what the right panel drew)."""
-    studies = {str(path): compare.gather_experiments([path]) for path in paths}
-    curves = learning_curve(studies)
-    gaps = gaps_to_baseline(studies, baseline, data_dir, seed)
+    """Print the curve as a table, a column per study (folder or table) in the order given ("-"
+    where the experiment is not in it); then each experiment against the baseline with its
+    interval and verdict at each size, and where that verdict changes; write learning_curve.png
+    into out_dir. Returns plot_learning_curve's (path, what the right panel drew)."""
+    studies = {str(path): read_study(path, baseline, data_dir, seed) for path in paths}
+    curves, gaps = learning_curve(studies)
     header = "| experiment | " + " | ".join(studies) + " |"
     print("\n" + header + "\n| --- |" + " ---: |" * len(studies))
     for name, by_study in sorted(curves.items()):

@@ -10,6 +10,7 @@ sibling folders runs/<name>/seed<k>/.
   - load_run            rebuild any finished run through the script that trained it (imported by
                         the name config.json gives, at run time: the one import of a script here)
   - load_scored_split   the rows a run was scored on, checked against its fingerprints
+  - training_rows       how many rows a run (a vote: its first member) learned from
   - experiment_key      which runs are seeds of one experiment
   - folder_written_atomically  a folder that appears whole or not at all (an export, a vote)
 """
@@ -338,6 +339,18 @@ NOT_THE_EXPERIMENT = {"seed", "seeds", "out", "resume", "device", "data", "data_
 ADDED_FLAGS = {"llrd": 1.0, "reinit_top": 0, "rdrop": 0.0, "teacher": None, "distill_alpha": 0.5,
                "distill_t": 2.0, "unlabeled": 0, "pseudo_threshold": None,
                "teacher_fingerprint": None}
+
+
+def training_rows(run):
+    """How many training rows a finished run learned from; a vote, those of its first member."""
+    metrics = common.load_json(Path(run) / "metrics.json")
+    if "train" in metrics.get("rows", {}):
+        return metrics["rows"]["train"]
+    config = common.load_json(Path(run) / "config.json")
+    if config.get("script") == "vote" and metrics.get("weights"):
+        [(_, first, _), *_] = vote_members(run)
+        return training_rows(first)
+    raise common.UserError(f"{run}/metrics.json: no training row count")
 
 
 def experiment_key(config):

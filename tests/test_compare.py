@@ -4,6 +4,7 @@ csv and png (on copies of a tiny trained run: needs AG News rows)."""
 import csv
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -216,7 +217,8 @@ def test_one_seed_says_so_and_a_p_below_floats_is_still_written(tmp_path):
     assert row["p"] == 0.0 and cells["McNemar p"] == "1.7e-602"
     csv_cells = dict(zip(compare.COMPARE_COLUMNS, compare.table_cells(row, for_csv=True)))
     assert csv_cells["test accuracy"] == "1.0000" and float(csv_cells["F1 Business"]) == 1.0
-    assert compare.table_cells(base)[2] == "0.0000 ± 0.0000"  # three seeds that agree: a std of 0
+    assert dict(zip(compare.COMPARE_COLUMNS, compare.table_cells(base)))["test accuracy"] == \
+        "0.0000 ± 0.0000"  # three seeds that agree: a std of 0
     # Where floats still hold it, the p is written as before.
     assert compare.p_text(0.0123, np.log10(0.0123)) == "0.012"
     right = np.arange(100) < 60
@@ -378,12 +380,13 @@ def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path, ca
                               "test": {"macro_f1": score}})
             common.save_npy(run / "test_probs.npy", np.eye(common.NUM_CLASSES)[CURVE_LABELS])
     small, large = str(tmp_path / "small"), str(tmp_path / "large")
-    curves = learning_curves.learning_curve(
+    curves, _ = learning_curves.learning_curve(
         gather_studies([tmp_path / "small", tmp_path / "large"]))
-    assert curves == {"bert_pooler": {small: (2000, f1["small", "bert_pooler"]),
-                                      large: (24175, f1["large", "bert_pooler"])},
-                      "lstm": {small: (2000, f1["small", "lstm"]),
-                               large: (24175, f1["large", "lstm"])}}
+    point = {key: (2000 if key[0] == "small" else 24175, *compare.mean_std(scores), 3)
+             for key, scores in f1.items()}
+    assert curves == {"bert_pooler": {small: point["small", "bert_pooler"],
+                                      large: point["large", "bert_pooler"]},
+                      "lstm": {small: point["small", "lstm"], large: point["large", "lstm"]}}
     # the table has a column per folder in the order given, "-" where an experiment is missing
     for run in (tmp_path / "large" / "lstm").iterdir():
         (run / "metrics.json").unlink()
@@ -397,9 +400,9 @@ def test_the_learning_curve_joins_one_experiment_across_study_sizes(tmp_path, ca
     assert "24,175 rows" in pooler_row.split(" | ")[1]
 
 
-def gather_studies(paths):
-    """{study folder: [compare.Experiment]}, as show_learning_curve gathers them."""
-    return {str(path): compare.gather_experiments([path]) for path in paths}
+def gather_studies(paths, baseline=learning_curves.BASELINE):
+    """{study: (scores, gaps)}, as show_learning_curve reads them."""
+    return {str(path): learning_curves.read_study(path, baseline) for path in paths}
 
 
 def flipping_studies(root):
@@ -423,9 +426,7 @@ def test_a_verdict_that_flips_between_sizes_is_reported(tmp_path, capsys, curve_
     assert " better | " in lora and " worse | " in lora
     steady = next(line for line in printed if line.startswith("| steady |") and "[" in line)
     assert steady.count(" better") == 2 and steady.endswith("| no |")
-    gathered = gather_studies(studies)
-    curves = learning_curves.learning_curve(gathered)
-    gaps = learning_curves.gaps_to_baseline(gathered)
+    curves, gaps = learning_curves.learning_curve(gather_studies(studies))
     assert learning_curves.changed_conclusions(curves, gaps) == {
         "lora": ["better at 2,000 rows -> worse at 24,175 rows"]}
 
@@ -468,13 +469,12 @@ def test_means_that_cross_0_inside_the_noise_are_no_changed_conclusion(tmp_path,
     noisy = next(line for line in capsys.readouterr().out.splitlines()
                  if line.startswith("| noisy |") and "[" in line)
     assert noisy.count("inside the noise") == 2 and noisy.endswith("| no |")
-    gathered = gather_studies(studies)
-    gaps = learning_curves.gaps_to_baseline(gathered)
+    curves, gaps = learning_curves.learning_curve(gather_studies(studies))
     (small, low_s, high_s), (large, low_l, high_l) = (gaps["noisy"][str(study)]
                                                       for study in studies)
     assert small > 0 > large                     # the means cross 0 ...
     assert low_s < 0 < high_s and low_l < 0 < high_l     # ... inside the noise at both sizes
-    assert learning_curves.changed_conclusions(learning_curves.learning_curve(gathered), gaps) == {}
+    assert learning_curves.changed_conclusions(curves, gaps) == {}
 
 
 def test_the_panel_draws_the_intervals_of_compare(tmp_path, curve_labels):
@@ -498,6 +498,57 @@ def test_the_panel_draws_the_intervals_of_compare(tmp_path, curve_labels):
             assert drawn_point == pytest.approx([100 * end for end in bootstrap])
             assert table[name] == pytest.approx(bootstrap)
             assert low[size] < high[size]                   # an interval, not a bare mean
+
+
+def test_a_study_read_from_its_compare_csv_draws_the_same_curve(tmp_path, capsys, curve_labels):
+    """The run folders of a long study may be gone (a machine's disk); the compare.csv that
+    --compare wrote is kept. The curve read from each study's table equals the one measured on its
+    runs to the table's four digits: the same points, intervals and verdicts, the same printout."""
+    studies = flipping_studies(tmp_path / "runs")
+    tables = []
+    for study in studies:
+        analyze.main(["--compare", str(study), "--baseline", "bert_pooler", "--out", str(study)])
+        tables.append(study.with_suffix(".csv"))
+        tables[-1].write_bytes((study / "compare.csv").read_bytes())
+    capsys.readouterr()
+    _, from_runs = learning_curves.show_learning_curve(studies, tmp_path / "a")
+    printed_runs = capsys.readouterr().out
+    _, from_tables = learning_curves.show_learning_curve(tables, tmp_path / "b")
+    printed_tables = capsys.readouterr().out
+    for name, (x, diff, low, high) in from_runs["lines"].items():
+        x_t, diff_t, low_t, high_t = from_tables["lines"][name]
+        assert np.allclose(x, x_t)
+        assert np.allclose([diff, low, high], [diff_t, low_t, high_t], atol=0.006)  # points
+    assert printed_tables.replace(".csv", "").replace("/b/", "/a/") == printed_runs
+    runs, _ = learning_curves.learning_curve(gather_studies(studies))
+    read, _ = learning_curves.learning_curve(gather_studies(tables))
+    for name, by_study in runs.items():
+        for (rows, mean, std, seeds), study in zip(by_study.values(), tables):
+            assert read[name][str(study)] == pytest.approx((rows, mean, std, seeds), abs=6e-5)
+
+
+def test_a_table_that_cannot_give_the_curve_is_named_in_one_line(tmp_path):
+    """A csv without a column the curve needs, with a cell it cannot read, or measured against
+    another baseline than the one asked for: one line that names the file (and line, column)."""
+    header = "experiment,seeds,training rows,macro F1,macro F1 - baseline [95% CI]\n"
+    cases = {"no_rows.csv": ("experiment,seeds,macro F1\nbert_pooler,3,0.9\n",
+                             "no column 'training rows'"),
+             "bad_cell.csv": (header + "bert_pooler,3,2000,0.9 ± 0.01,baseline\n"
+                              "lora,3,2000,0.91 ± 0.01,better\n",
+                              "line 3, macro F1 - baseline [95% CI]: cannot read 'better'"),
+             "other_base.csv": (header + "lora,3,\"2,000\",0.9 ± 0.01,baseline\n"
+                                "bert_pooler,3,\"2,000\",0.88,\"-0.02 [-0.03, -0.01] *\"\n",
+                                "its differences are against lora, not bert_pooler")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(common.UserError, match=re.escape(message)) as raised:
+            learning_curves.read_table(tmp_path / name)
+        assert str(raised.value).startswith(str(tmp_path / name))
+    (tmp_path / "ok.csv").write_text(header + "bert_pooler,3,\"2,000\",0.9 ± 0.01,baseline\n"
+                                     "lora,1,\"2,000\",0.88,\"-0.02 [-0.03, -0.01] *\"\n")
+    assert learning_curves.read_table(tmp_path / "ok.csv") == (
+        {"bert_pooler": (2000, 0.9, 0.01, 3), "lora": (2000, 0.88, 0.0, 1)},
+        {"lora": (-0.02, -0.03, -0.01)})
 
 
 def test_a_line_far_off_the_scale_is_drawn_and_said(tmp_path, capsys, curve_labels):
