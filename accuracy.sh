@@ -71,16 +71,7 @@ vote_seeds() {
     || { echo "FAILED: vote (see $log)" >&2; exit 1; }
 }
 
-# require_rows N: stop with one line unless AGNEWS_DIR's train.csv has at least N lines
-require_rows() {
-  local file=${AGNEWS_DIR:-data/ag_news}/train.csv rows
-  rows=$( { wc -l < "$file"; } 2>/dev/null || echo 0)
-  if [ "$rows" -lt "$1" ]; then
-    echo "accuracy.sh $STAGE: $file has $rows lines; set AGNEWS_DIR to the 67,296-row" \
-         "folder (../shared/data/ag_news_67k)" >&2
-    exit 2
-  fi
-}
+source plumbing/require_rows.sh
 
 BERT=(train_bert.py --head pooler)
 E=(--epochs "$EPOCHS")  # the length `schedule` chose, for the stages that compare methods at it
@@ -124,12 +115,12 @@ case "$STAGE" in
     vote_seeds "$ROOT/ensemble_24k_pooler9" "$ROOT"/pooler_24k_e{2,3,4}
     run "student_24k_e2" "${BERT[@]}" --epochs 2 --teacher "$ROOT/ensemble_24k_pooler9" ;;
   60k)
-    require_rows 60000
+    require_rows "accuracy.sh $STAGE" 60000
     # 3 epochs first: a run keeps its best validation epoch and records every epoch's validation
     # score, so its seeds alone answer "is 1 epoch enough?" if the stage is stopped after them
     for e in 3 2; do run "pooler_60k_e$e" "${BERT[@]}" --epochs "$e"; done ;;
   60k-heads)
-    require_rows 60000
+    require_rows "accuracy.sh $STAGE" 60000
     L=${LENGTH_60K:-}
     case "$L" in
       1|2|3) ;;

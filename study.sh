@@ -36,10 +36,8 @@ case "$PRESET" in
          JOBS=${JOBS:-1}; DEVICE=(--device cpu) ;;
   medium) DATA_FLAGS=(--epochs 1); LSTM_FLAGS=(); JOBS=${JOBS:-1}; DEVICE=(--device cpu) ;;
   large) DATA_FLAGS=(--epochs 1); LSTM_FLAGS=(); JOBS=${JOBS:-1}; DEVICE=(--device cpu)
-         rows=$( { wc -l < "${AGNEWS_DIR:-data/ag_news}/train.csv"; } 2>/dev/null || echo 0)
-         if [ "$rows" -lt 60000 ]; then
-           echo "study.sh large: ${AGNEWS_DIR:-data/ag_news}/train.csv has $rows rows; set AGNEWS_DIR to the 67,296-row folder (../shared/data/ag_news_67k)" >&2; exit 2
-         fi ;;
+         source plumbing/require_rows.sh
+         require_rows "study.sh large" 60000 ;;
   full)  DATA_FLAGS=(--epochs 2); LSTM_FLAGS=(); JOBS=${JOBS:-5}; DEVICE=(--device cuda) ;;
   *) echo "usage: bash study.sh quick|medium|large|full   (quick: CPU, under an hour; medium: CPU, every row, hours; large: medium on the 67k folder; full: one GPU, every row)" >&2; exit 2 ;;
 esac

@@ -36,21 +36,29 @@ def tiny_model(tmp_path_factory):
     return tiny_bert_folder(tmp_path_factory.mktemp("tiny_model"), num_layers=3)
 
 
-def accuracy(tmp_path, model, stage, extra):
-    env = {**os.environ, "AGNEWS_DIR": str(AGNEWS_DIR), "ROOT": str(tmp_path / "acc"),
-           "SEEDS": "0,1", "EPOCHS": "1", "MEDIUM": str(tmp_path / "acc"),
-           "ENSEMBLE_EXP": "pooler_e1", "EXTRA": f"{extra} --model {model}"}
+def accuracy(tmp_path, stage, **settings):
+    """bash accuracy.sh STAGE, its runs under tmp_path/acc, the settings as its environment
+    (AGNEWS_DIR: the tests' rows unless a setting names another; no LENGTH_60K unless given)."""
+    env = {**os.environ, "AGNEWS_DIR": str(AGNEWS_DIR), "ROOT": str(tmp_path / "acc")}
+    env.pop("LENGTH_60K", None)
+    env.update({name: str(value) for name, value in settings.items()})
     return subprocess.run(["bash", str(ROOT / "accuracy.sh"), stage], env=env,
                           capture_output=True, text=True, cwd=ROOT)
+
+
+def tiny(tmp_path, model, stage):
+    """The settings that make a stage's runs tiny: 2 seeds, 1 epoch, the model and TINY's rows
+    (--unlabeled only where a teacher speaks for the rows: the other stages refuse it)."""
+    extra = TINY if stage == "distill" else TINY.rsplit(" --unlabeled", 1)[0]
+    return {"SEEDS": "0,1", "EPOCHS": "1", "MEDIUM": tmp_path / "acc",
+            "ENSEMBLE_EXP": "pooler_e1", "EXTRA": f"{extra} --model {model}"}
 
 
 @needs_rows
 def test_every_stage_runs_then_resumes_to_nothing(tmp_path, tiny_model):
     root = tmp_path / "acc"
     for stage, names in STAGES.items():
-        # --unlabeled only where a teacher speaks for the rows (the other stages refuse it)
-        extra = TINY if stage == "distill" else TINY.rsplit(" --unlabeled", 1)[0]
-        done = accuracy(tmp_path, tiny_model, stage, extra)
+        done = accuracy(tmp_path, stage, **tiny(tmp_path, tiny_model, stage))
         assert done.returncode == 0, stage + done.stdout[-3000:] + done.stderr[-3000:]
         for name in names:
             runs = [root / name] if name.startswith("ensemble") else \
@@ -80,14 +88,13 @@ def test_every_stage_runs_then_resumes_to_nothing(tmp_path, tiny_model):
 
     mtimes = {p: p.stat().st_mtime for p in root.rglob("metrics.json")}
     for stage in ("schedule", "distill"):   # the first stage, and the one with a vote and a teacher
-        extra = TINY if stage == "distill" else TINY.rsplit(" --unlabeled", 1)[0]
-        again = accuracy(tmp_path, tiny_model, stage, extra)
+        again = accuracy(tmp_path, stage, **tiny(tmp_path, tiny_model, stage))
         assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes            # nothing trained again
 
 
 def test_an_unknown_stage_gets_one_line(tmp_path):
-    done = accuracy(tmp_path, "no-model", "everything", "")
+    done = accuracy(tmp_path, "everything")
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "usage: bash accuracy.sh" in done.stderr
 
@@ -101,13 +108,8 @@ def data_folder(tmp_path, lines):
 
 
 def stage_60k(tmp_path, stage, folder, length):
-    env = {**os.environ, "AGNEWS_DIR": str(folder), "ROOT": str(tmp_path / "acc"),
-           "LARGE": str(tmp_path / "large")}
-    env.pop("LENGTH_60K", None)
-    if length is not None:
-        env["LENGTH_60K"] = length
-    return subprocess.run(["bash", str(ROOT / "accuracy.sh"), stage], env=env,
-                          capture_output=True, text=True, cwd=ROOT)
+    chosen = {} if length is None else {"LENGTH_60K": length}
+    return accuracy(tmp_path, stage, AGNEWS_DIR=folder, LARGE=tmp_path / "large", **chosen)
 
 
 @pytest.mark.parametrize("stage", ["60k", "60k-heads"])

@@ -308,5 +308,7 @@ def test_the_large_study_refuses_a_folder_of_fewer_rows(tmp_path):
                           text=True, cwd=tmp_path,
                           env={**os.environ, "AGNEWS_DIR": str(AGNEWS_DIR),
                                "ROOT": str(tmp_path / "study")})
-    assert done.returncode == 2 and "ag_news_67k" in done.stderr, done.stderr
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"study.sh large: {AGNEWS_DIR}/train.csv has ")
+    assert "ag_news_67k" in done.stderr
     assert not (tmp_path / "study").exists()
