@@ -272,7 +272,7 @@ def test_a_one_seed_experiment_reads_1_seed_in_the_table_and_a_number_in_the_csv
     with open(tmp_path / "cmp" / "compare.csv", newline="") as f:
         rows = {r[0]: dict(zip(compare.COMPARE_COLUMNS, r)) for r in csv.reader(f)}
     assert float(rows["single"]["test accuracy"]) == pytest.approx(
-        float(single_line.split(" | ")[2].split()[0]))
+        float(single_line.split(" | ")[compare.COMPARE_COLUMNS.index("test accuracy")].split()[0]))
     assert "±" in rows["steady"]["test accuracy"]
 
 
