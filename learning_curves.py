@@ -58,10 +58,10 @@ def gaps_to_baseline(experiments, baseline=BASELINE, data_dir=None, seed=0):
     """{experiment name: (difference, low, high)}: each experiment's test macro F1 minus the
     baseline's with its 95% interval, by compare.paired_bootstrap with the seed and the seed
     pairing of --compare's table (seed k with the baseline's seed k where both ran the same
-    seeds), so that figure and table agree. {} where the baseline is not among them."""
+    seeds), so that figure and table agree. None where the baseline is not among them."""
     base = next((e for e in experiments if e.name == baseline), None)
     if base is None:
-        return {}
+        return None
     labels = runfolders.load_scored_split(base.runs[0], "test", data_dir).labels    # (N,)
     base_preds = np.stack([p.argmax(1) for p in base.probs(len(labels))])          # (R, N)
     gaps = {}
@@ -121,12 +121,14 @@ def read_study(path, baseline=BASELINE, data_dir=None, seed=0):
     """(scores, gaps) of one study: from its run folders, as --compare gathers them, or from its
     finished table where path is a .csv."""
     if Path(path).suffix == ".csv":
+        if not Path(path).is_file():
+            raise common.UserError(f"{path}: no such table")
         return read_table(path, baseline)
     experiments = compare.gather_experiments([path])
     gaps = gaps_to_baseline(experiments, baseline, data_dir, seed)
-    if not gaps:
+    if gaps is None:
         print(f"{path}: no {baseline} there, so no differences from it at this size")
-    return scores(experiments), gaps
+    return scores(experiments), gaps or {}
 
 
 def learning_curve(studies):

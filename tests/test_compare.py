@@ -544,6 +544,8 @@ def test_a_table_that_cannot_give_the_curve_is_named_in_one_line(tmp_path):
         with pytest.raises(common.UserError, match=re.escape(message)) as raised:
             learning_curves.read_table(tmp_path / name)
         assert str(raised.value).startswith(str(tmp_path / name))
+    with pytest.raises(common.UserError, match="no such table"):
+        learning_curves.read_study(tmp_path / "gone.csv")
     (tmp_path / "ok.csv").write_text(header + "bert_pooler,3,\"2,000\",0.9 ± 0.01,baseline\n"
                                      "lora,1,\"2,000\",0.88,\"-0.02 [-0.03, -0.01] *\"\n")
     assert learning_curves.read_table(tmp_path / "ok.csv") == (
