@@ -82,6 +82,17 @@ TABLE_COLUMNS = ("experiment", "seeds", "training rows", "macro F1",
 NUMBER = r"[+-]?\d*\.?\d+"
 
 
+def cell_numbers(where, row, column, pattern):
+    """The numbers that pattern's groups capture in one cell of a table row ("60,566" -> 60566.0;
+    a group left out, such as the std of a single run, is 0.0); one line naming where (file and
+    line) and the column if the cell does not match."""
+    cell = row[column]
+    found = re.fullmatch(pattern, cell.strip())
+    if found is None:
+        raise common.UserError(f"{where}, {column}: cannot read {cell!r}")
+    return [float(x.replace(",", "")) if x is not None else 0.0 for x in found.groups()]
+
+
 def read_table(path, baseline=BASELINE):
     """(scores, gaps) as scores() and gaps_to_baseline() give them, read from a compare.csv that
     analyze.py --compare wrote (or any csv with TABLE_COLUMNS): "0.9264 ± 0.0020" is a mean and
@@ -95,21 +106,17 @@ def read_table(path, baseline=BASELINE):
                                f"--compare has {', '.join(TABLE_COLUMNS)})")
     out, gaps, base = {}, {}, None
     for line, row in enumerate(table, start=2):       # line 1 is the header
-        def numbers(column, pattern):
-            found = re.fullmatch(pattern, row[column].strip())
-            if found is None:
-                raise common.UserError(f"{path} line {line}, {column}: cannot read "
-                                       f"{row[column]!r}")
-            return [float(x.replace(",", "")) if x is not None else 0.0 for x in found.groups()]
+        where = f"{path} line {line}"
         name = row["experiment"]
-        rows, seeds = numbers("training rows", r"(\d[\d,]*)") + numbers("seeds", r"(\d+)")
-        mean, std = numbers("macro F1", rf"({NUMBER})(?: ± ({NUMBER}))?.*")
+        rows, = cell_numbers(where, row, "training rows", r"(\d[\d,]*)")
+        seeds, = cell_numbers(where, row, "seeds", r"(\d+)")
+        mean, std = cell_numbers(where, row, "macro F1", rf"({NUMBER})(?: ± ({NUMBER}))?.*")
         out[name] = (int(rows), mean, std, int(seeds))
         if row["macro F1 - baseline [95% CI]"].strip() == "baseline":
             base = name
         else:
-            gaps[name] = tuple(numbers("macro F1 - baseline [95% CI]",
-                                       rf"({NUMBER}) \[({NUMBER}), ({NUMBER})\].*"))
+            gaps[name] = tuple(cell_numbers(where, row, "macro F1 - baseline [95% CI]",
+                                            rf"({NUMBER}) \[({NUMBER}), ({NUMBER})\].*"))
     if base != baseline:
         raise common.UserError(f"{path}: its differences are against {base}, not {baseline} "
                                f"(--baseline): run analyze.py --compare --baseline {baseline} on "

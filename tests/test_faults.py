@@ -4,6 +4,7 @@ write and what to do, leaves no temp file, and a training run cut short by it ca
 The disk is faked (the writer raises what it raises on a full or read-only disk: tests run as root,
 where chmod does not stop a write); where the tests may mount, a real tiny tmpfs checks the messages
 the Rust writers (safetensors, tokenizers) really give."""
+import ast
 import errno
 import io
 import os
@@ -330,3 +331,24 @@ def test_vote_and_analyze_out_on_a_full_disk_stop_in_one_line(tiny_lstm_run, tmp
     assert re.fullmatch(rf"error: cannot write {tmp_path}/figs/confusion\.png: No space left on "
                         rf"device; {ADVICE[errno.ENOSPC]}\n", capsys.readouterr().err)
     assert not (tmp_path / "figs").exists()  # no temp file, no empty folder
+
+
+def main_block_calls(path):
+    """The calls made under `if __name__ == "__main__":` in the file at `path`, as source text."""
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            return [ast.unparse(n.func) for n in ast.walk(node) if isinstance(n, ast.Call)]
+    return None
+
+
+def test_every_script_that_can_raise_a_user_error_prints_it_as_one_line():
+    """A script (top level or bench/) that imports common can meet a UserError (no rows, a bad
+    run folder): its entry point goes through common.run_main, or the user reads a traceback."""
+    root = Path(__file__).resolve().parents[1]
+    scripts = [p for p in sorted(root.glob("*.py")) + sorted(root.glob("bench/*.py"))
+               if re.search(r"^import common\b", p.read_text(), re.M)]
+    bare = [str(p.relative_to(root)) for p in scripts
+            if (calls := main_block_calls(p)) is not None and "common.run_main" not in calls]
+    assert len(scripts) > 20, "the scan found too few scripts to mean anything"
+    assert not bare, f"entry points that print a traceback for a UserError: {bare}"

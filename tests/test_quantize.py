@@ -275,3 +275,20 @@ def test_the_bench_prints_its_table_and_the_breakdown():
         for group in ("products", "copies", "rounding + rescaling", "the rest", "total"):
             assert re.fullmatch(rf"\| {re.escape(group)} \| \d+\.\d\d \| \d+\.\d\d \|",
                                 rows[group]), group
+
+
+@needs_rows
+def test_the_latency_bench_puts_int8_beside_bf16(tiny_bert_run):
+    """bench_serve_latency.py --int8 measures serve.py, then serve.py --int8, and ends with both
+    servers' figures side by side, each in whole milliseconds."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "bench" / "bench_serve_latency.py"),
+                             "--runs", str(tiny_bert_run), "--int8", "--requests", "3",
+                             "--explanations", "1", "--pause", "0", "--text", "Stocks fell"],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "AGNEWS_DIR": str(AGNEWS_DIR)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| serve.py")]
+    assert [line.split("|")[1].strip() for line in table] == ["serve.py", "serve.py --int8"]
+    for line in table:
+        assert re.fullmatch(r"\| serve\.py( --int8)? \|( \d+ ms \|){4}", line), line
