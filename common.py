@@ -283,13 +283,18 @@ PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_flags():
+    """The CPU's instruction-set flags as Linux reports them (avx512_bf16, amx_int8, ...); none
+    where /proc/cpuinfo cannot be read."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 def cpu_has_bf16():
     """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as Linux reports it."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_precision(device, precision="auto"):

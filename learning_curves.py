@@ -12,7 +12,9 @@ Two questions a single table cannot answer:
      --compare wrote (results/ keeps ours: `--learning-curve results/study-*.csv`).
   2. How long to train? `python analyze.py --epochs-curve runs/acc/pooler_e1 runs/acc/pooler_e3
      ...`: macro F1 against epochs, validation (where the length is CHOSEN) beside test (where the
-     chosen length is REPORTED, once). Choosing the length on the test curve would be a leak.
+     chosen length is REPORTED, once). Choosing the length on the test curve would be a leak. Its
+     table is written too (epochs_curve.csv) and read back in place of folders
+     (`--epochs-curve results/epochs-curve.csv`).
 Each score is an experiment of compare.py (its seeds pooled): mean ± std over seeds.
 tests/test_compare.py checks both on made-up runs whose answer is known.
 
@@ -255,42 +257,101 @@ def plot_learning_curve(curves, gaps, path, baseline=BASELINE):
 
 
 SPLITS = ("val", "test")  # the epochs curve: where the length is chosen, where it is reported
+# The epochs curve's table, as show_epochs_curve prints it and writes it (epochs_curve.csv); a cell
+# is "mean ± std" over the seeds, or "-" where that split was not recorded. results/ keeps ours,
+# so the curve outlives the run folders, as the studies' tables do for the learning curve.
+EPOCHS_COLUMNS = ("training rows", "epochs", "seeds", "validation macro F1", "test macro F1")
+
+
+def epochs_points(path):
+    """[(training rows, epochs, {split: (mean, std, seeds)})] of the experiments in a folder of
+    runs: each experiment's seeds pooled, its length from its config."""
+    points = []
+    for experiment in compare.gather_experiments([path]):
+        epochs = common.load_json(experiment.runs[0] / "config.json")["args"]["epochs"]
+        rows = runfolders.training_rows(experiment.runs[0])
+        seeds = len(experiment.metrics)
+        points.append((rows, epochs, {split: (*compare.mean_std(
+            [m[split]["macro_f1"] for m in experiment.metrics]), seeds) for split in SPLITS}))
+    return points
+
+
+def read_epochs_table(path):
+    """epochs_points() read from an epochs_curve.csv (EPOCHS_COLUMNS); a split whose cell is "-"
+    was not recorded: None."""
+    if not Path(path).is_file():
+        raise common.UserError(f"{path}: no such table")
+    with open(path, newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    missing = [c for c in EPOCHS_COLUMNS if not table or c not in table[0]]
+    if missing:
+        raise common.UserError(f"{path}: no column {missing[0]!r} (an epochs_curve.csv of "
+                               f"analyze.py --epochs-curve has {', '.join(EPOCHS_COLUMNS)})")
+    points = []
+    for line, row in enumerate(table, start=2):       # line 1 is the header
+        where = f"{path} line {line}"
+        rows, = cell_numbers(where, row, "training rows", r"(\d[\d,]*)")
+        epochs, = cell_numbers(where, row, "epochs", r"(\d+)")
+        seeds, = cell_numbers(where, row, "seeds", r"(\d+)")
+        splits = {}
+        for split, column in zip(SPLITS, EPOCHS_COLUMNS[3:]):
+            splits[split] = None if row[column].strip() == "-" else (
+                *cell_numbers(where, row, column, rf"({NUMBER}) ± ({NUMBER})"), int(seeds))
+        if not any(splits.values()):
+            raise common.UserError(f"{where}: neither split has a score (both cells are '-')")
+        points.append((int(rows), int(epochs), splits))
+    return points
 
 
 def epochs_curve(paths):
-    """{training rows: {epochs: {"val": [macro F1 of each seed], "test": [...]}}} of the
-    experiments among the given folders, e.g. runs/acc/pooler_e1 ... pooler_e10: the caller names
-    experiments that differ only in --epochs (and the training rows, one line each)."""
+    """{training rows: {epochs: {"val": (mean, std, seeds) or None, "test": ...}}} of macro F1
+    from the given folders, e.g. runs/acc/pooler_e1 ... pooler_e10, or epochs_curve.csv tables:
+    the caller names experiments that differ only in --epochs (and the training rows, one line
+    each). A length given twice for the same rows is refused: which one to draw?"""
     curve = {}
     for path in paths:
-        for experiment in compare.gather_experiments([path]):
-            config = common.load_json(experiment.runs[0] / "config.json")
-            epochs = config["args"]["epochs"]
-            rows = runfolders.training_rows(experiment.runs[0])
-            curve.setdefault(rows, {})[epochs] = {
-                split: [m[split]["macro_f1"] for m in experiment.metrics] for split in SPLITS}
+        points = read_epochs_table(path) if Path(path).suffix == ".csv" else epochs_points(path)
+        for rows, epochs, splits in points:
+            if epochs in curve.get(rows, {}):
+                raise common.UserError(f"{path}: {rows:,} rows at {epochs} epochs is given twice "
+                                       f"among {', '.join(map(str, paths))}")
+            curve.setdefault(rows, {})[epochs] = splits
     return curve
+
+
+def epochs_table(curve):
+    """The rows of the epochs curve's table (EPOCHS_COLUMNS), by size, then length."""
+    def cell(point):
+        return "-" if point is None else f"{point[0]:.4f} ± {point[1]:.4f}"
+    return [[f"{rows:,}", str(epochs), str(max(p[2] for p in splits.values() if p)),
+             *(cell(splits[split]) for split in SPLITS)]
+            for rows, by_epochs in sorted(curve.items())
+            for epochs, splits in sorted(by_epochs.items())]
 
 
 def show_epochs_curve(paths, out_dir):
     """Print macro F1 against epochs as a table, validation (where the length is chosen) beside
-    test; write epochs_curve.png into out_dir: a line per training size, validation solid, test
-    dashed, ±1 std over seeds as bars."""
+    test, and write it as epochs_curve.csv; write epochs_curve.png into out_dir: a line per
+    training size, validation solid, test dashed, ±1 std over seeds as bars; a split that a
+    table did not record is left out of its line."""
     curve = epochs_curve(paths)
-    print("\n| training rows | epochs | seeds | validation macro F1 | test macro F1 |")
-    print("| ---: | ---: | ---: | --- | --- |")
+    table = epochs_table(curve)
+    print("\n| " + " | ".join(EPOCHS_COLUMNS) + " |\n| ---: | ---: | ---: | --- | --- |")
+    for row in table:
+        print("| " + " | ".join(row) + " |")
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([EPOCHS_COLUMNS, *table])
+    common.atomic_write(Path(out_dir) / "epochs_curve.csv", write_csv)
     fig, ax = plt.subplots(figsize=(compare.COMPARE_WIDTH, 5))
     for k, (rows, by_epochs) in enumerate(sorted(curve.items())):
-        epochs = sorted(by_epochs)
-        # {split: [(mean, std) at each length]}
-        stats = {split: [compare.mean_std(by_epochs[e][split]) for e in epochs] for split in SPLITS}
         for split, style in zip(SPLITS, ("-", "--")):
-            means, stds = zip(*stats[split])
-            ax.errorbar(epochs, means, yerr=stds, fmt="o" + style, capsize=3,
-                        color=plt.cm.tab10(k), label=f"{rows:,} rows, {split}")
-        for i, e in enumerate(epochs):
-            cells = [f"{stats[split][i][0]:.4f} ± {stats[split][i][1]:.4f}" for split in SPLITS]
-            print(f"| {rows:,} | {e} | {len(by_epochs[e]['val'])} | {cells[0]} | {cells[1]} |")
+            points = [(e, *s[split][:2]) for e, s in sorted(by_epochs.items()) if s[split]]
+            if points:
+                epochs, means, stds = zip(*points)
+                ax.errorbar(epochs, means, yerr=stds, fmt="o" + style, capsize=3,
+                            color=plt.cm.tab10(k), label=f"{rows:,} rows, {split}")
     every = sorted({e for by_epochs in curve.values() for e in by_epochs})
     ax.set_xscale("log")
     ax.set_xticks(every, [str(e) for e in every])
@@ -301,6 +362,7 @@ def show_epochs_curve(paths, out_dir):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    print(f"wrote {Path(out_dir) / 'epochs_curve.csv'}")
     return common.save_figure(fig, Path(out_dir) / "epochs_curve.png")
 
 

@@ -24,7 +24,9 @@ most 127^2 sum to under 2^25, far inside int32). torch has two: torch._int_mm, w
 project's AMX Xeon does not reach the int8 units, and oneDNN's quantized linear
 (torch.ops.onednn.qlinear_pointwise, what torch's x86 int8 compiler path calls), which does. The
 latter takes one activation scale per call, not one per row, so it is called with scale 1 and the
-row scales multiply its output: the same maths, the integer product on AMX-INT8 or VNNI.
+row scales multiply its output: the same maths, the integer product on AMX-INT8. Only there: on
+an AMD EPYC with AVX512-VNNI and no AMX it took 14 s for a product _int_mm does in 8 ms, so it is
+the default on CPUs with AMX-INT8 only (default_product).
 
 Why per channel and per row: one scale for a whole matrix is set by its largest entry, and every
 row whose values are smaller gets coarse steps. Rows of W differ in size by a factor of several in
@@ -65,6 +67,7 @@ import torch
 import torch.nn as nn
 
 import bert
+import common
 
 QMAX = 127  # symmetric int8: -127..127 (leaving -128 unused keeps the range symmetric)
 
@@ -103,6 +106,15 @@ def linear_fake_quant(x, w_q, w_scale, bias):
 def onednn_available():
     """Whether this torch has oneDNN's quantized linear for CPU tensors."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def default_product(device):
+    """The integer product Int8Linear uses unless told: oneDNN's on a CPU with AMX-INT8, where it
+    was measured fastest, torch._int_mm everywhere else. oneDNN's quantized linear is not fast on
+    every x86 CPU that has it: on a 2-core AMD EPYC with AVX512-VNNI and no AMX, one (2048 x 384)
+    x (384 x 1536) product took 14 s in it against 7.9 ms in torch._int_mm (RESULTS.md)."""
+    fast_onednn = device == "cpu" and onednn_available() and "amx_int8" in common.cpu_flags()
+    return "onednn" if fast_onednn else "int_mm"
 
 
 def fused(function):
@@ -159,13 +171,12 @@ class Int8Linear(nn.Module):
     has no gradient (autograd would follow the row scales alone, a wrong one), so an input that
     asks for a gradient is refused.
 
-    product "onednn" (the default where torch has it): oneDNN's quantized linear, on the CPU's
-    int8 units; "int_mm": torch._int_mm, the plain int32 product (any device)."""
+    product "onednn": oneDNN's quantized linear, on the CPU's int8 units; "int_mm": torch._int_mm,
+    the plain int32 product (any device); by default the one default_product picks."""
 
     def __init__(self, linear, product=None):
         super().__init__()
-        on_cpu = linear.weight.device.type == "cpu"
-        self.product = product or ("onednn" if on_cpu and onednn_available() else "int_mm")
+        self.product = product or default_product(linear.weight.device.type)
         w_q, w_scale = quantize_per_row(linear.weight.detach())
         self.register_buffer("weight_q", w_q)                          # (out, in) int8
         self.register_buffer("weight_scale", w_scale)                  # (out,)

@@ -1,9 +1,9 @@
-"""Scoring rows/s of one MiniLM classifier five ways on the same rows, in one run: fp32, bf16
-autocast (the default on a CPU with bf16), quantize.py's int8 encoder with each integer product
-(torch._int_mm; oneDNN's quantized linear), the rest in bf16 autocast, and torch's own dynamic int8
-(torch.ao.quantization.quantize_dynamic on the same Linear layers, the rest in fp32: its layers
-take fp32 input). Also each one's agreement with fp32 (the same predicted class) and the largest
-probability gap.
+"""Scoring rows/s of one MiniLM classifier in several ways on the same rows, in one run: fp32,
+bf16 autocast (the default on a CPU with bf16), quantize.py's int8 encoder with each integer
+product (torch._int_mm; oneDNN's quantized linear where it is the default, on CPUs with AMX-INT8),
+the rest in bf16 autocast, and torch's own dynamic int8 (torch.ao.quantization.quantize_dynamic on
+the same Linear layers, the rest in fp32: its layers take fp32 input). Also each one's agreement
+with fp32 (the same predicted class) and the largest probability gap.
 
     python bench/bench_quantize.py                     # 1,024 test rows, pretrained MiniLM
     python bench/bench_quantize.py --rows 256 --rounds 1
@@ -14,9 +14,10 @@ The rows are the official test set's first --rows, scored as finish_run scores t
 the rows once untimed (first allocations; torch.compile compiling our rounding), then rounds
 alternate the order of the ways; the median of each is reported. Prints the CPU and whether it
 has AVX512-VNNI and AMX-INT8, the instructions int8 products run on. --breakdown then scores the
-rows once more under torch's profiler for bf16 and ours (oneDNN) and splits the time into the
-matrix products, the copies (autocast's casts to bf16, most of them), our rounding and rescaling,
-and the rest (attention, GELU, LayerNorm, adds): what int8 can speed up, and what it cannot.
+rows once more under torch's profiler for bf16 and ours (its default product) and splits the
+time into the matrix products, the copies (autocast's casts to bf16, most of them), our rounding
+and rescaling, and the rest (attention, GELU, LayerNorm, adds): what int8 can speed up, and what
+it cannot.
 """
 import argparse
 import statistics
@@ -101,7 +102,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--data", help="AG News folder (default $AGNEWS_DIR)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="also profile bf16 and ours (oneDNN): where the time goes")
+                        help="also profile bf16 and ours (the default product): where the "
+                             "time goes")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -114,12 +116,16 @@ def main():
     head = nn.Linear(384, common.NUM_CLASSES)
     with torch.no_grad():
         head.weight.mul_(100)  # confident probabilities, as a trained head gives
+    ours = f"ours int8 ({quantize.default_product('cpu')})"   # what --int8 scores with here
     ways = ["fp32", "bf16", "ours int8 (int_mm)",
-            *(["ours int8 (onednn)"] if quantize.onednn_available() else []), "torch dynamic int8"]
+            *(["ours int8 (onednn)"] if ours.endswith("(onednn)") else []), "torch dynamic int8"]
     built = {way: build(way, model_dir, head.state_dict()) for way in ways}
     print(f"CPU: {cpu_description()}")
     print(f"rows: {len(texts)} of the official test set, batches of 128 by length, max 128 tokens; "
           f"torch {torch.__version__}")
+    if quantize.onednn_available() and ours.endswith("(int_mm)"):
+        print("oneDNN's product left out: without AMX-INT8 it is not the default "
+              "(quantize.default_product: seconds a product on an AVX512-VNNI EPYC)")
 
     for way, (model, runtime) in built.items():  # untimed: first allocations, and compiling
         common.predict(model, data, runtime, desc=f"{way} (warm-up)")
@@ -142,7 +148,7 @@ def main():
         print(f"| {way} | {rate:.1f} | {rate / bf16_rate:.2f}x | {same:.4f} | {gap:.4f} |")
 
     if args.breakdown:
-        profiled = [way for way in ("bf16", "ours int8 (onednn)") if way in built]
+        profiled = ["bf16", ours]
         split = {way: breakdown(built[way][0], data, built[way][1]) for way in profiled}
         print("\n| seconds (self CPU, profiled) | " + " | ".join(profiled) + " |")
         print("| --- |" + " ---: |" * len(profiled))

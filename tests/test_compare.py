@@ -594,12 +594,47 @@ def test_the_epochs_curve_has_a_point_per_length_and_both_splits(tmp_path, capsy
                 "fingerprints": {"val": f"v{rows}", "test": "t"},
                 "val": {"macro_f1": val[seed]}, "test": {"macro_f1": test[seed]}})
     curve = learning_curves.epochs_curve(folders)
-    assert curve == {rows: {e: {"val": v, "test": t} for (r, e), (v, t) in scores.items()
-                            if r == rows} for rows in (2000, 24175)}
+    assert curve == {rows: {e: {"val": (*compare.mean_std(v), 2), "test": (*compare.mean_std(t), 2)}
+                            for (r, e), (v, t) in scores.items() if r == rows}
+                     for rows in (2000, 24175)}
     path = learning_curves.show_epochs_curve(folders, tmp_path)
     assert Image.open(path).size[0] > 500
     table = capsys.readouterr().out
     assert "| 2,000 | 3 | 2 | 0.9050 ± 0.0071 | 0.8850 ± 0.0071 |" in table
+    # Its table, read back in place of the folders, is the same curve to the 4 decimals it keeps
+    again = learning_curves.epochs_curve([tmp_path / "epochs_curve.csv"])
+    assert again.keys() == curve.keys()
+    for rows, by_epochs in curve.items():
+        assert again[rows].keys() == by_epochs.keys()
+        for epochs, splits in by_epochs.items():
+            for split, (mean, std, seeds) in splits.items():
+                assert again[rows][epochs][split] == (pytest.approx(mean, abs=5e-5),
+                                                      pytest.approx(std, abs=5e-5), seeds)
+    # and a length given twice (the table and a folder it came from) is refused in one line
+    with pytest.raises(common.UserError, match="2,000 rows at 1 epochs is given twice"):
+        learning_curves.epochs_curve([tmp_path / "epochs_curve.csv", folders[0]])
+
+
+def test_the_epochs_curve_from_a_table_draws_the_recorded_splits_and_names_a_bad_cell(tmp_path,
+                                                                                      capsys):
+    """A table whose test cell is "-" (that length's test score was not recorded): the point is
+    on the validation line only, and the table written again keeps the "-". A cell that is not a
+    "mean ± std" is one line naming the file, line and column."""
+    table = tmp_path / "recorded.csv"
+    table.write_text("training rows,epochs,seeds,validation macro F1,test macro F1\n"
+                     '"2,000",1,3,0.8813 ± 0.0079,-\n'
+                     '"2,000",3,3,0.9172 ± 0.0066,0.8881 ± 0.0023\n', encoding="utf-8")
+    curve = learning_curves.epochs_curve([table])
+    assert curve == {2000: {1: {"val": (0.8813, 0.0079, 3), "test": None},
+                            3: {"val": (0.9172, 0.0066, 3), "test": (0.8881, 0.0023, 3)}}}
+    learning_curves.show_epochs_curve([table], tmp_path / "out")
+    assert "| 2,000 | 1 | 3 | 0.8813 ± 0.0079 | - |" in capsys.readouterr().out
+    assert learning_curves.epochs_curve([tmp_path / "out" / "epochs_curve.csv"]) == curve
+    table.write_text(table.read_text(encoding="utf-8").replace("0.8881 ± 0.0023", "0.8881"),
+                     encoding="utf-8")
+    with pytest.raises(common.UserError, match=r"recorded.csv line 3, test macro F1: cannot read "
+                                               r"'0.8881'"):
+        learning_curves.epochs_curve([table])
 
 
 @needs_rows
