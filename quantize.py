@@ -25,7 +25,7 @@ project's AMX Xeon does not reach the int8 units, and oneDNN's quantized linear
 (torch.ops.onednn.qlinear_pointwise, what torch's x86 int8 compiler path calls), which does. The
 latter takes one activation scale per call, not one per row, so it is called with scale 1 and the
 row scales multiply its output: the same maths, the integer product on AMX-INT8. Only there: on
-an AMD EPYC with AVX512-VNNI and no AMX it took 14 s for a product _int_mm does in 8 ms, so it is
+an AMD EPYC with AVX512-VNNI and no AMX it took 13 s for a product _int_mm does in 3 ms, so it is
 the default on CPUs with AMX-INT8 only (default_product).
 
 Why per channel and per row: one scale for a whole matrix is set by its largest entry, and every
@@ -56,8 +56,9 @@ Measured (RESULTS.md, this project's 2-core AMX Xeon, 512 test rows, one run): b
 ours with oneDNN's product 312 (0.85x), with torch._int_mm 189 (0.52x); torch's dynamic int8 191
 (0.52x). The products themselves run faster than bf16's (and skip autocast's casts), but the
 rounding and the float half stay: on this CPU, whose AMX-BF16 units already multiply fast, int8
-does not beat bf16. Accuracy held with the eager rounding (bench/int8_accuracy.py, RESULTS.md:
--0.03 points of test accuracy, inside the noise), so --int8 stays off by default.
+does not beat bf16. On a 2-core AMD EPYC (AVX512-VNNI, no AMX), with torch._int_mm: 1.18-1.28x
+bf16 in three runs, torch's dynamic int8 1.21-1.47x. Accuracy held (bench/int8_accuracy.py,
+RESULTS.md: -0.03 points of test accuracy, inside the noise), so --int8 stays off by default.
 
 Lesson 21 of README's reading path, the last: read after learning_curves.py.
 """
@@ -112,7 +113,7 @@ def default_product(device):
     """The integer product Int8Linear uses unless told: oneDNN's on a CPU with AMX-INT8, where it
     was measured fastest, torch._int_mm everywhere else. oneDNN's quantized linear is not fast on
     every x86 CPU that has it: on a 2-core AMD EPYC with AVX512-VNNI and no AMX, one (2048 x 384)
-    x (384 x 1536) product took 14 s in it against 7.9 ms in torch._int_mm (RESULTS.md)."""
+    x (384 x 1536) product took 13 s in it against 3.4 ms in torch._int_mm (RESULTS.md)."""
     fast_onednn = device == "cpu" and onednn_available() and "amx_int8" in common.cpu_flags()
     return "onednn" if fast_onednn else "int_mm"
 

@@ -8,6 +8,8 @@ with fp32 (the same predicted class) and the largest probability gap.
     python bench/bench_quantize.py                     # 1,024 test rows, pretrained MiniLM
     python bench/bench_quantize.py --rows 256 --rounds 1
     python bench/bench_quantize.py --rows 512 --breakdown    # where each way's time goes
+    python bench/bench_quantize.py --rows 512 --breakdown --out figures/int8_scoring_epyc.png
+    python bench/bench_quantize.py --products 2048 384 1536  # one product alone, each way
 
 The rows are the official test set's first --rows, scored as finish_run scores them (batches of
 128 by length); the head is random (the ratios depend on shapes, not on training). Each way scores
@@ -95,6 +97,65 @@ def breakdown(model, data, runtime):
     return groups
 
 
+def product_times(n, k, o):
+    """Milliseconds of one (n x k) x (k x o) product in each way, alone: fp32, bf16, and the two
+    integer products Int8Linear can use (oneDNN's timed wherever torch has it, default or not:
+    this is how a slow one shows). One untimed call first; a product over a second is timed
+    once, a faster one over 5 calls."""
+    x, w = torch.randn(n, k), torch.randn(o, k) / k ** 0.5
+    x_q, _ = quantize.quantize_per_row(x)
+    w_q, w_scale = quantize.quantize_per_row(w)
+    x_bf16, w_bf16, w_t = x.bfloat16(), w.bfloat16(), w_q.T.contiguous()
+    products = {"fp32": lambda: x @ w.T, "bf16": lambda: x_bf16 @ w_bf16.T,
+                "torch._int_mm": lambda: torch._int_mm(x_q, w_t)}
+    if quantize.onednn_available():
+        packed = torch.ops.onednn.qlinear_prepack(w_q, None)
+        zeros = torch.zeros(o, dtype=torch.long)
+        products["oneDNN qlinear"] = lambda: torch.ops.onednn.qlinear_pointwise(
+            x_q, 1.0, 0, packed, w_scale, zeros, None, 1.0, 0, torch.bfloat16, "none", [], "")
+    times = {}
+    for name, product in products.items():
+        start = time.perf_counter()
+        product()
+        calls = 1 if time.perf_counter() - start > 1 else 5
+        start = time.perf_counter()
+        for _ in range(calls):
+            product()
+        times[name] = (time.perf_counter() - start) / calls * 1e3
+    return times
+
+
+def plot(rates, split, title, path):
+    """The figure: rows/s of each way as a bar, its ratio to bf16 written on it; beside it, where
+    --breakdown was asked, each profiled way's seconds split into the groups as stacked bars."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2 if split else 1, figsize=(common.WIDE, 1.5 + 0.5 * len(rates)),
+                             squeeze=False)
+    ax = axes[0, 0]
+    ways = list(rates)[::-1]                                        # the first way on top
+    ax.barh(ways, [rates[way] for way in ways], color="tab:blue")
+    for row, way in enumerate(ways):
+        ax.text(rates[way], row, f" {rates[way]:.0f} ({rates[way] / rates['bf16']:.2f}x bf16)",
+                va="center", fontsize=8)
+    ax.set_xlim(0, 1.35 * max(rates.values()))
+    ax.set_xlabel("rows/s (median of the rounds)")
+    if split:
+        ax = axes[0, 1]
+        profiled, left = list(split), np.zeros(len(split))
+        for k, group in enumerate(split[profiled[0]]):
+            seconds = np.array([split[way][group] for way in profiled])
+            ax.barh(profiled, seconds, left=left, color=plt.cm.tab10(k), label=group)
+            left += seconds
+        ax.set_xlim(0, 1.6 * left.max())                             # room for the legend
+        ax.set_xlabel("seconds of self CPU time, profiled (one pass over the rows)")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,7 +165,19 @@ def main():
     parser.add_argument("--breakdown", action="store_true",
                         help="also profile bf16 and ours (the default product): where the "
                              "time goes")
+    parser.add_argument("--out", help="also draw the table (and the breakdown) into this .png")
+    parser.add_argument("--products", nargs=3, type=int, metavar=("N", "K", "O"),
+                        help="only time one (N x K) x (K x O) product in each way (the "
+                             "encoder's largest: 2048 384 1536)")
     args = parser.parse_args()
+    if args.products:
+        n, k, o = args.products
+        print(f"CPU: {cpu_description()}\n\n| ({n} x {k}) x ({k} x {o}) | ms | x bf16 |\n"
+              f"| --- | ---: | ---: |")
+        times = product_times(n, k, o)
+        for name, ms in times.items():
+            print(f"| {name} | {ms:.2f} | {times['bf16'] / ms:.2f}x |")
+        return
 
     torch.manual_seed(0)
     model_dir = common.resolve_model("minilm")
@@ -140,13 +213,13 @@ def main():
     reference = probs["fp32"]
     print("\n| way | rows/s | x bf16 | same class as fp32 | largest prob gap to fp32 |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    bf16_rate = len(texts) / statistics.median(times["bf16"])
-    for way in ways:
-        rate = len(texts) / statistics.median(times[way])
+    rates = {way: len(texts) / statistics.median(times[way]) for way in ways}
+    for way, rate in rates.items():
         same = (probs[way].argmax(1) == reference.argmax(1)).mean()
         gap = abs(probs[way] - reference).max()
-        print(f"| {way} | {rate:.1f} | {rate / bf16_rate:.2f}x | {same:.4f} | {gap:.4f} |")
+        print(f"| {way} | {rate:.1f} | {rate / rates['bf16']:.2f}x | {same:.4f} | {gap:.4f} |")
 
+    split = None
     if args.breakdown:
         profiled = ["bf16", ours]
         split = {way: breakdown(built[way][0], data, built[way][1]) for way in profiled}
@@ -157,6 +230,9 @@ def main():
                   + " |")
         print("| total | " + " | ".join(f"{sum(split[way].values()):.2f}" for way in profiled)
               + " |")
+    if args.out:
+        plot(rates, split, f"Scoring {len(texts)} test rows, MiniLM: {cpu_description()}",
+             args.out)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from PIL import Image
 import torch
 import torch.nn as nn
 
@@ -113,7 +114,7 @@ def test_under_autocast_the_int8_layer_answers_in_bf16_like_a_linear(product):
 
 def test_the_default_product_is_onednn_only_where_the_cpu_has_amx_int8(monkeypatch):
     """oneDNN's product is the default only on a CPU with AMX-INT8: on an AVX512-VNNI EPYC it took
-    14 s for one product that torch._int_mm does in 8 ms. Elsewhere, and off the CPU, _int_mm."""
+    13 s for one product that torch._int_mm does in 3.4 ms. Elsewhere, and off the CPU, _int_mm."""
     linear = nn.Linear(384, 64)
     for flags, want in [({"avx512_vnni", "avx512_bf16"}, "int_mm"),
                         ({"avx512_vnni", "amx_int8", "amx_bf16"},
@@ -272,14 +273,18 @@ def test_int8_where_it_cannot_apply_is_one_line(tiny_bert_run):
 
 
 @needs_rows
-def test_the_bench_prints_its_table_and_the_breakdown():
+def test_the_bench_prints_its_table_and_the_breakdown_and_draws_them(tmp_path):
     root = Path(__file__).resolve().parents[1]
+    figure = tmp_path / "int8.png"
     result = subprocess.run([sys.executable, str(root / "bench" / "bench_quantize.py"),
-                             "--rows", "8", "--rounds", "1", "--breakdown"],
+                             "--rows", "8", "--rounds", "1", "--breakdown", "--out", str(figure)],
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "AGNEWS_DIR": str(AGNEWS_DIR)})
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
+    ways = 5 if quantize.default_product("cpu") == "onednn" else 4  # a bar each, 0.5 inch
+    inches = (common.WIDE, 1.5 + 0.5 * ways)
+    assert Image.open(figure).size == tuple(int(side * common.DPI) for side in inches)
     assert out.startswith("CPU: ") and "int8/bf16 instructions:" in out
     ours = f"ours int8 ({quantize.default_product('cpu')})"
     for way in ("fp32", "bf16", "ours int8 (int_mm)", ours, "torch dynamic int8"):
@@ -289,6 +294,23 @@ def test_the_bench_prints_its_table_and_the_breakdown():
     for group in ("products", "copies", "rounding + rescaling", "the rest", "total"):
         assert re.fullmatch(rf"\| {re.escape(group)} \| \d+\.\d\d \| \d+\.\d\d \|",
                             rows[group]), group
+
+
+def test_the_products_bench_times_each_product_alone():
+    """--products: one product in each way, in milliseconds and against bf16; both integer
+    products wherever torch has them (oneDNN's too, default or not)."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "bench" / "bench_quantize.py"),
+                             "--products", "64", "384", "96"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| [^-(]", line)]
+    names = ["fp32", "bf16", "torch._int_mm",
+             *(["oneDNN qlinear"] if quantize.onednn_available() else [])]
+    assert [line.split("|")[1].strip() for line in rows] == names
+    for line in rows:
+        assert re.fullmatch(r"\| .+ \| \d+\.\d\d \| \d+\.\d\dx \|", line), line
+    assert "| bf16 |" in result.stdout and "| 1.00x |" in result.stdout
 
 
 @needs_rows
