@@ -95,17 +95,26 @@ def cell_numbers(where, row, column, pattern):
     return [float(x.replace(",", "")) if x is not None else 0.0 for x in found.groups()]
 
 
+def read_csv_table(path, columns, written_by):
+    """The rows of a csv table, as dicts; one line naming the file where it is missing or lacks
+    one of the columns (written_by: what writes such a table)."""
+    if not Path(path).is_file():
+        raise common.UserError(f"{path}: no such table")
+    with open(path, newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    missing = [c for c in columns if not table or c not in table[0]]
+    if missing:
+        raise common.UserError(f"{path}: no column {missing[0]!r} ({written_by} has "
+                               f"{', '.join(columns)})")
+    return table
+
+
 def read_table(path, baseline=BASELINE):
     """(scores, gaps) as scores() and gaps_to_baseline() give them, read from a compare.csv that
     analyze.py --compare wrote (or any csv with TABLE_COLUMNS): "0.9264 ± 0.0020" is a mean and
     std, "+0.0029 [+0.0007, +0.0054] *" a difference and its interval. Its differences must be
     against the baseline asked for: the table cannot be re-measured against another."""
-    with open(path, newline="", encoding="utf-8") as f:
-        table = list(csv.DictReader(f))
-    missing = [c for c in TABLE_COLUMNS if not table or c not in table[0]]
-    if missing:
-        raise common.UserError(f"{path}: no column {missing[0]!r} (a compare.csv of analyze.py "
-                               f"--compare has {', '.join(TABLE_COLUMNS)})")
+    table = read_csv_table(path, TABLE_COLUMNS, "a compare.csv of analyze.py --compare")
     out, gaps, base = {}, {}, None
     for line, row in enumerate(table, start=2):       # line 1 is the header
         where = f"{path} line {line}"
@@ -130,8 +139,6 @@ def read_study(path, baseline=BASELINE, data_dir=None, seed=0):
     """(scores, gaps) of one study: from its run folders, as --compare gathers them, or from its
     finished table where path is a .csv."""
     if Path(path).suffix == ".csv":
-        if not Path(path).is_file():
-            raise common.UserError(f"{path}: no such table")
         return read_table(path, baseline)
     experiments = compare.gather_experiments([path])
     gaps = gaps_to_baseline(experiments, baseline, data_dir, seed)
@@ -279,14 +286,8 @@ def epochs_points(path):
 def read_epochs_table(path):
     """epochs_points() read from an epochs_curve.csv (EPOCHS_COLUMNS); a split whose cell is "-"
     was not recorded: None."""
-    if not Path(path).is_file():
-        raise common.UserError(f"{path}: no such table")
-    with open(path, newline="", encoding="utf-8") as f:
-        table = list(csv.DictReader(f))
-    missing = [c for c in EPOCHS_COLUMNS if not table or c not in table[0]]
-    if missing:
-        raise common.UserError(f"{path}: no column {missing[0]!r} (an epochs_curve.csv of "
-                               f"analyze.py --epochs-curve has {', '.join(EPOCHS_COLUMNS)})")
+    table = read_csv_table(path, EPOCHS_COLUMNS, "an epochs_curve.csv of analyze.py "
+                                                 "--epochs-curve")
     points = []
     for line, row in enumerate(table, start=2):       # line 1 is the header
         where = f"{path} line {line}"
