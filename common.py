@@ -283,13 +283,25 @@ PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cpu_flags():
-    """The CPU's instruction-set flags as Linux reports them (avx512_bf16, amx_int8, ...); none
-    where /proc/cpuinfo cannot be read."""
+def cpu_info(field, path="/proc/cpuinfo"):
+    """The value of the first `field` line of /proc/cpuinfo ("model name", "flags"; every core has
+    one), or "" where there is none or the file cannot be read (not Linux)."""
     try:
-        return set(Path("/proc/cpuinfo").read_text().split())
+        info = Path(path).read_text()
     except OSError:
-        return set()
+        return ""
+    found = re.search(rf"^{field}\s*:(.*)$", info, re.MULTILINE)
+    return found.group(1).strip() if found else ""
+
+
+def cpu_flags():
+    """The CPU's instruction-set flags as Linux reports them (avx512_bf16, amx_int8, ...)."""
+    return set(cpu_info("flags").split())
+
+
+def cpu_name():
+    """The CPU's model name, for the benchmarks' tables: they say which CPU gave a figure."""
+    return cpu_info("model name") or "unknown CPU"
 
 
 def cpu_has_bf16():

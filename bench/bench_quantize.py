@@ -39,18 +39,10 @@ from plumbing import agnews  # noqa: E402
 
 
 def cpu_description():
-    model, flags = "?", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    flags = common.cpu_flags()
     have = [name for name in ("avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")
             if name in flags]
-    return f"{model}, {torch.get_num_threads()} threads; int8/bf16 instructions: " + (
+    return f"{common.cpu_name()}, {torch.get_num_threads()} threads; int8/bf16 instructions: " + (
         ", ".join(have) or "none of VNNI, AMX")
 
 

@@ -29,19 +29,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 from plumbing import flags  # noqa: E402
 
 HEADLINE = "Oracle shares rise as quarterly profit beats forecasts on strong software sales"
 # 2,000 characters (serve.MAX_CHARS) of plain news words: the longest text the page explains
 LONG_TEXT = (("Oil prices climb as producers agree to cut output while stock markets fall on "
               "fears of slower growth in China and Europe ") * 20)[:2000]
-
-
-def cpu_model():
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def start_server(runs, extra=()):
@@ -147,8 +141,9 @@ def main():
     parser.add_argument("--int8", action="store_true",
                         help="measure serve.py and then serve.py --int8, and compare")
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
-          f"(other work slows both figures); runs: {', '.join(args.runs)}", flush=True)
+    print(f"CPU: {common.cpu_name()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} (other work slows both figures); runs: "
+          f"{', '.join(args.runs)}", flush=True)
     servers = {"serve.py": ()}
     if args.int8:
         servers["serve.py --int8"] = ("--int8",)

@@ -8,8 +8,9 @@
 #   bash bench/fresh_check.sh            the newest versions the requirement files allow (--latest)
 #   bash bench/fresh_check.sh --tested   constraints.txt's versions, as install.sh and .ci/run
 #
-# Prints the versions it got, the suite's counts and its time; keeps the venv's `pip freeze` in
-# $FRESH_OUT (default /tmp/fresh_check), from which constraints.txt is written after a green run.
+# Prints the versions it got, the suite's counts, its slowest tests and its time; keeps the venv's
+# `pip freeze` in $FRESH_OUT (default /tmp/fresh_check), from which constraints.txt is written after
+# a green run.
 # AGNEWS_DIR as for the tests (without it the tests that read rows skip; CI's rule makes them fail).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,8 @@ start=$SECONDS
 [ -z "$mode" ] && export AGNEWS_LAB_TESTED_VERSIONS=1   # the test that checks the pins holds
 ruff check .
 set +e
-python -m pytest -q tests 2>&1 | tee "$out/pytest.log" | tail -n 25
+# --durations: the slowest tests, where to look when the suite nears CI's 15 minutes
+python -m pytest -q --durations=15 tests 2>&1 | tee "$out/pytest.log" | tail -n 25
 status=${PIPESTATUS[0]}
 set -e
 echo "suite: exit $status in $((SECONDS - start)) s ($mode)"

@@ -67,13 +67,8 @@ def group_of(name):
 
 
 def cpu_description():
-    """(model name, has AMX) from /proc/cpuinfo (Linux)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU", False
-    model = re.search(r"model name\s*:\s*(.*)", info)
-    return (model.group(1).strip() if model else "unknown CPU"), "amx_bf16" in info
+    """(model name, has AMX)."""
+    return common.cpu_name(), "amx_bf16" in common.cpu_flags()
 
 
 def matmul_peak(tokens, cfg, seconds=1.0):

@@ -59,6 +59,28 @@ def test_missing_folder_is_one_line(tmp_path):
         agnews.find_data_dir(str(tmp_path))
 
 
+def test_the_release_is_parsed_once_a_process_until_a_file_changes(tmp_path, monkeypatch):
+    """load_ag_news for every seed of --seeds parses each file once; an edited file is read again,
+    and a run that changes its rows (distill.py sets Split.soft) never changes the next run's."""
+    rows = "".join(f'"{1 + i % 4}","title {i}","text {i}"\n' for i in range(40))
+    write_rows(tmp_path / "train.csv", rows)
+    write_rows(tmp_path / "test.csv", rows)
+    parsed, load_csv = [], agnews.load_csv
+    monkeypatch.setattr(agnews, "load_csv", lambda path: parsed.append(path) or load_csv(path))
+    first = agnews.load_ag_news(tmp_path)
+    first["train"].soft = np.ones((len(first["train"]), 4))
+    first["train"].texts[0] = "changed by a run"
+    again = agnews.load_ag_news(tmp_path)
+    assert len(parsed) == 2                                         # train.csv, test.csv: once
+    assert again["train"].soft is None and again["train"].texts[0] != "changed by a run"
+    assert all(again[k].fingerprint() == agnews.load_ag_news(tmp_path)[k].fingerprint()
+               for k in again)
+    write_rows(tmp_path / "train.csv", rows + '"2","a new row","added"\n')
+    edited = agnews.load_ag_news(tmp_path)
+    assert len(edited["train"]) + len(edited["val"]) == 41
+    assert len(parsed) == 3                                         # train.csv again, alone
+
+
 field = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                 max_size=40)
 

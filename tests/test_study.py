@@ -27,19 +27,24 @@ def tiny_model(tmp_path_factory):
     return tiny_bert_folder(tmp_path_factory.mktemp("tiny_model"), num_layers=1)
 
 
-def study(tmp_path, model, extra=TINY, preset="quick"):
+def study(tmp_path, model, extra=TINY, preset="quick", jobs=1):
     """study.sh PRESET on the rows conftest found; without rows, $AGNEWS_DIR is left as it was
-    (enough for a study that fails on its first flags, before any run reads rows)."""
+    (enough for a study that fails on its first flags, before any run reads rows). jobs > 1: that
+    many runs at once (the GPU preset's way), each on one thread so they share the cores."""
     rows = {"AGNEWS_DIR": str(AGNEWS_DIR)} if AGNEWS_DIR is not None else {}
     env = {**os.environ, **rows, "ROOT": str(tmp_path / "study"), "SEEDS": "0,1",
-           "EXTRA": f"{extra} --model {model}"}
+           "EXTRA": f"{extra} --model {model}", "JOBS": str(jobs)}
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(["bash", str(ROOT / "study.sh"), preset], env=env, capture_output=True,
                           text=True, cwd=ROOT)
 
 
 @needs_rows
 def test_the_study_runs_whole_then_resumes_to_nothing(tmp_path, tiny_model):
-    done = study(tmp_path, tiny_model, preset="medium")
+    """Two runs at a time, as the GPU preset runs them: the tiny runs are mostly Python's start-up
+    (4 s of imports each), which one core does as fast as two."""
+    done = study(tmp_path, tiny_model, preset="medium", jobs=2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     root = tmp_path / "study"
     cases = agnews.load_cases()
@@ -60,7 +65,7 @@ def test_the_study_runs_whole_then_resumes_to_nothing(tmp_path, tiny_model):
     assert len(cases_cells) == len(EXPERIMENTS) and "-" not in cases_cells
 
     mtimes = {p: p.stat().st_mtime for p in root.rglob("metrics.json") if "vote" not in str(p)}
-    again = study(tmp_path, tiny_model, preset="medium")
+    again = study(tmp_path, tiny_model, preset="medium", jobs=2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes          # nothing trained again
     assert "is finished, kept" in (root / "logs" / "bert_pooler.log").read_text()
