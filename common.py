@@ -290,7 +290,7 @@ def cpu_info(field, path="/proc/cpuinfo"):
         info = Path(path).read_text()
     except OSError:
         return ""
-    found = re.search(rf"^{field}\s*:(.*)$", info, re.MULTILINE)
+    found = re.search(rf"^{re.escape(field)}\s*:(.*)$", info, re.MULTILINE)
     return found.group(1).strip() if found else ""
 
 
